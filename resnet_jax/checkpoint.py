@@ -1,0 +1,171 @@
+"""Orbax checkpoints: params, batch statistics, optimiser state and metadata.
+
+A checkpoint directory is an Orbax `CheckpointManager` root with one sub-directory per step
+(the epoch). Orbax writes each step to a temporary directory and renames it when complete, so a
+step that exists is whole; `load` takes the latest one. The metadata (JSON) says how to rebuild
+the model and feed it: model, num_classes, class_names, stem, image_size, normalization, ...
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import numpy as np
+
+from . import models
+from .errors import UserError
+
+FORMAT = "resnet-jax/1"
+META_KEYS = ("model", "num_classes", "class_names", "stem", "image_size", "normalization")
+
+
+@dataclass
+class Checkpoint:
+    """A restored checkpoint: `variables` = {"params", "batch_stats"}, `opt_state` or None."""
+
+    step: int
+    variables: dict
+    opt_state: Any
+    meta: dict
+
+    @property
+    def model(self) -> models.ResNet:
+        return models.create(self.meta["model"], self.meta["num_classes"], self.meta["stem"])
+
+
+def _manager(directory: str, create: bool = False, keep: int | None = None):
+    import orbax.checkpoint as ocp
+
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
+    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_handlers=handlers)
+
+
+def make_meta(model: str, num_classes: int, class_names, stem: str, image_size: int,
+              normalization: str, **extra) -> dict:
+    """Returns the metadata dict stored beside the weights."""
+    meta = {"format": FORMAT, "model": model, "num_classes": int(num_classes),
+            "class_names": [str(c) for c in class_names], "stem": stem, "image_size": int(image_size),
+            "normalization": normalization}
+    meta.update(extra)
+    return meta
+
+
+def save(directory: str, step: int, variables: dict, meta: dict, opt_state=None, keep: int = 2) -> None:
+    """Writes step `step` atomically; keeps the newest `keep` steps."""
+    import orbax.checkpoint as ocp
+
+    missing = [k for k in META_KEYS if k not in meta]
+    if missing:
+        raise ValueError(f"checkpoint metadata lacks {missing}")
+    state = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+    if opt_state is not None:
+        state["opt_state"] = opt_state
+    mgr = _manager(directory, create=True, keep=keep)
+    mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                           meta=ocp.args.JsonSave(dict(meta, step=int(step)))))
+    mgr.wait_until_finished()
+    mgr.close()
+
+
+def latest_step(directory: str) -> int | None:
+    """Returns the newest complete step in `directory`, or None if there is none."""
+    if not os.path.isdir(directory):
+        return None
+    mgr = _manager(directory)
+    step = mgr.latest_step()
+    mgr.close()
+    return step
+
+
+def load_meta(directory: str, step: int | None = None) -> dict:
+    """Returns the metadata of `step` (default: the latest)."""
+    import orbax.checkpoint as ocp
+
+    step = _require_step(directory, step)
+    mgr = _manager(directory)
+    try:
+        meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:  # corrupt or foreign directory
+        raise UserError(f"cannot read checkpoint metadata in {directory} (step {step}): {type(e).__name__}; "
+                        f"pass a directory written by 'resnet-jax train' or 'resnet-jax convert'") from None
+    finally:
+        mgr.close()
+    return meta
+
+
+def _require_step(directory: str, step: int | None) -> int:
+    if not os.path.isdir(directory):
+        raise UserError(f"checkpoint directory {directory} does not exist: train a model with "
+                        f"'resnet-jax train' or import weights with 'resnet-jax convert'")
+    latest = latest_step(directory)
+    if latest is None:
+        raise UserError(f"{directory} holds no complete checkpoint: pass a directory written by "
+                        f"'resnet-jax train' or 'resnet-jax convert'")
+    return latest if step is None else step
+
+
+def load(directory: str, step: int | None = None, opt_state_target=None, expect: dict | None = None) -> Checkpoint:
+    """Restores a checkpoint (default: the latest step) and checks it against its model.
+
+    `expect` (e.g. {"model": "resnet18", "num_classes": 10}) names fields that must match.
+    `opt_state_target` (an abstract or concrete optimiser state) restores the optimiser state
+    with its structure; without it the optimiser state is not read.
+    """
+    import orbax.checkpoint as ocp
+
+    step = _require_step(directory, step)
+    meta = load_meta(directory, step)
+    for key, want in (expect or {}).items():
+        if want is not None and meta.get(key) != want:
+            raise UserError(f"checkpoint {directory} is for {key}={meta.get(key)!r}, not {want!r}: "
+                            f"pass a checkpoint of the right {key} or retrain")
+    model = models.create(meta["model"], meta["num_classes"], meta["stem"])
+    shapes = models.variable_shapes(model, meta["image_size"])
+    target = {"params": shapes["params"], "batch_stats": shapes["batch_stats"]}
+    if opt_state_target is not None:
+        target["opt_state"] = opt_state_target
+    mgr = _manager(directory)
+    try:
+        stored = mgr.item_metadata(step)["state"]
+        check_tree(stored, target, directory)
+        restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(
+            jax.tree.map(_abstract, target))))["state"]
+    finally:
+        mgr.close()
+    variables = {"params": restored["params"], "batch_stats": restored["batch_stats"]}
+    return Checkpoint(step=step, variables=variables, opt_state=restored.get("opt_state"), meta=meta)
+
+
+def _abstract(leaf):
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
+
+
+def check_tree(stored, target, source: str) -> None:
+    """Raises UserError naming the first missing, extra or mis-shaped key of `stored`."""
+    want = {_key(p): tuple(v.shape) for p, v in jax.tree_util.tree_leaves_with_path(
+        {k: target[k] for k in ("params", "batch_stats")})}
+    have = {_key(p): tuple(v.shape) for p, v in jax.tree_util.tree_leaves_with_path(
+        {k: stored[k] for k in ("params", "batch_stats") if k in stored})}
+    for key in sorted(want):
+        if key not in have:
+            raise UserError(f"{source}: missing weight {key}: the checkpoint is for another model")
+        if have[key] != want[key]:
+            raise UserError(f"{source}: weight {key} has shape {have[key]}, the model needs {want[key]}: "
+                            f"the checkpoint is for another model or class count")
+    extra = sorted(set(have) - set(want))
+    if extra:
+        raise UserError(f"{source}: unexpected weight {extra[0]}: the checkpoint is for another model")
+
+
+def _key(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def to_numpy(tree):
+    """Returns the pytree with every leaf as a host numpy array."""
+    return jax.tree.map(np.asarray, tree)
