@@ -1,0 +1,125 @@
+"""Learning from misclassifications: where misclassified images sit relative to the classes.
+
+Host side, numpy only: nearest class centroid of each misclassified image in a
+representation (e.g. GW, FM), the most frequent confusions, and the most
+confidently wrong images.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .cluster import _as_matrix, _check_int
+
+
+def _as_classes(labels, name, n=None):
+    """labels as a 1-D array of non-negative integer class indices, of length n when given."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise ValueError(f"{name} must be 1-D (N,), got shape {labels.shape}")
+    if n is not None and labels.shape[0] != n:
+        raise ValueError(f"{name} has {labels.shape[0]} entries, expected {n}; pass one label per image")
+    if labels.size and (not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0):
+        raise ValueError(f"{name} must hold non-negative integer class indices")
+    return labels
+
+
+def centroid_report(X, y, p):
+    """Nearest class centroid (cosine) of each misclassified image in the representation X (N, D).
+
+    Rows of X are unit-normalised; the centroid of class c is the mean unit row of the
+    correctly classified images of c (y == p == c), and a misclassified image's nearest
+    centroid is the one of highest cosine similarity (ties: lowest class). Zero rows
+    have no direction: they enter no centroid and are not scored.
+
+    Policy for missing centroids: a class with no correctly classified image (or whose
+    unit rows average to zero) has no centroid and is skipped; a misclassified image
+    whose true or predicted class lacks a centroid is not scored, since the
+    true-versus-predicted comparison would be one-sided.
+
+    Returns a dict:
+      n_misclassified: images with y != p;
+      n_scored: misclassified images scored (see the policy);
+      n_nearest_true, n_nearest_pred: scored images whose nearest centroid is their
+        true / predicted class;
+      frac_nearest_true, frac_nearest_pred: those counts / n_scored, None when
+        n_scored == 0 (e.g. no misclassified images);
+      classes_without_centroid: sorted list of classes in y or p lacking a centroid;
+      misclassified: (M,) int64 indices of the misclassified images;
+      nearest: (M,) int64 nearest-centroid class per misclassified image, -1 if not scored.
+    """
+    X = _as_matrix(X, "X")
+    y = _as_classes(y, "y", X.shape[0])
+    p = _as_classes(p, "p", X.shape[0])
+
+    norms = np.linalg.norm(X, axis=1)
+    nonzero = norms > 0
+    U = X / np.where(nonzero, norms, 1.0)[:, None]
+    correct = y == p
+    classes = np.unique(np.concatenate([y, p]))
+
+    source = np.flatnonzero(correct & nonzero)
+    centroid_classes, centroids = [], []
+    for c in classes:
+        mean = U[source[y[source] == c]].sum(axis=0)
+        length = np.linalg.norm(mean)
+        if length > 0:
+            centroid_classes.append(c)
+            centroids.append(mean / length)
+    centroid_classes = np.asarray(centroid_classes, dtype=np.int64)
+
+    mis = np.flatnonzero(~correct)
+    scored = nonzero[mis] & np.isin(y[mis], centroid_classes) & np.isin(p[mis], centroid_classes)
+    nearest = np.full(len(mis), -1, dtype=np.int64)
+    if scored.any():
+        similarity = U[mis[scored]] @ np.stack(centroids).T
+        nearest[scored] = centroid_classes[similarity.argmax(axis=1)]
+    n_scored = int(scored.sum())
+    n_true = int(np.count_nonzero(scored & (nearest == y[mis])))
+    n_pred = int(np.count_nonzero(scored & (nearest == p[mis])))
+    return {
+        "n_misclassified": len(mis),
+        "n_scored": n_scored,
+        "n_nearest_true": n_true,
+        "n_nearest_pred": n_pred,
+        "frac_nearest_true": n_true / n_scored if n_scored else None,
+        "frac_nearest_pred": n_pred / n_scored if n_scored else None,
+        "classes_without_centroid": [int(c) for c in np.setdiff1d(classes, centroid_classes)],
+        "misclassified": mis.astype(np.int64),
+        "nearest": nearest,
+    }
+
+
+def confusion_pairs(y, p, top=10):
+    """The most frequent confusions; returns up to `top` (true, pred, count) tuples of ints.
+
+    Only pairs with true != pred; sorted by count descending, then by (true, pred).
+    top=None returns all pairs.
+    """
+    y = _as_classes(y, "y")
+    p = _as_classes(p, "p", y.shape[0])
+    if top is not None:
+        _check_int(top, "top", 1)
+    wrong = y != p
+    pairs, counts = np.unique(np.stack([y[wrong], p[wrong]], axis=1), axis=0, return_counts=True)
+    order = np.lexsort((pairs[:, 1], pairs[:, 0], -counts))[:top]
+    return [(int(pairs[i, 0]), int(pairs[i, 1]), int(counts[i])) for i in order]
+
+
+def most_confident_wrong(probs, y, top=10):
+    """Indices of the misclassified images with the highest predicted-class probability.
+
+    probs: (N, C) class probabilities; the prediction is the argmax. Returns (<= top,)
+    int64 indices into probs, most confident first (ties: lower index first).
+    """
+    probs = _as_matrix(probs, "probs")
+    if probs.shape[1] < 2:
+        raise ValueError(f"probs must have at least 2 classes (N, C), got shape {probs.shape}")
+    y = _as_classes(y, "y", probs.shape[0])
+    if y.size and y.max() >= probs.shape[1]:
+        raise ValueError(f"y has class {y.max()} but probs has only {probs.shape[1]} classes")
+    _check_int(top, "top", 1)
+    pred = probs.argmax(axis=1)
+    confidence = probs[np.arange(len(pred)), pred]
+    wrong = np.flatnonzero(pred != y)
+    return wrong[np.argsort(-confidence[wrong], kind="stable")][:top].astype(np.int64)
