@@ -1,0 +1,183 @@
+"""Supervised training: optax AdamW with warm-up and cosine decay, jit-compiled steps.
+
+`fit` trains a ResNet on a data spec, reports held-out accuracy after every epoch, writes an
+Orbax checkpoint per epoch (params, batch statistics, optimiser state, metadata) and resumes
+from the latest one when run again with the same directory.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from . import checkpoint, data, models
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Options of one training run; all of them are stored in the checkpoint metadata."""
+
+    model: str = "resnet18"
+    data: str = "digits"
+    epochs: int = 10
+    batch_size: int = 64
+    learning_rate: float = 2e-3
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 1.0
+    stem: str = "standard"
+    image_size: int | None = None
+    seed: int = 0
+    augment_shift: int = 0
+    grad_align: float = 0.0
+    grad_mi: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def cross_entropy(logits, labels):
+    """Returns the mean softmax cross-entropy of logits (N, C) against integer labels (N,)."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+    """Returns AdamW on a linear warm-up then cosine-decay schedule over the whole run."""
+    total = max(1, config.epochs * steps_per_epoch)
+    warmup = min(total - 1, int(config.warmup_epochs * steps_per_epoch))
+    schedule = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup, total,
+                                                  end_value=config.learning_rate * 1e-2)
+    return optax.adamw(schedule, weight_decay=config.weight_decay)
+
+
+def make_train_step(model: models.ResNet, tx: optax.GradientTransformation, loss_fn=None):
+    """Returns jit(step)(params, batch_stats, opt_state, images, labels, rng) ->
+    (params, batch_stats, opt_state, metrics) with train-mode BatchNorm.
+
+    `loss_fn(params, batch_stats, images, labels, rng) -> (loss, (batch_stats, logits, aux))`
+    replaces plain cross-entropy (the gradient-alignment loss plugs in here).
+    """
+    if loss_fn is None:
+        def loss_fn(params, batch_stats, images, labels, rng):
+            logits, _, new_stats = models.apply(model, {"params": params, "batch_stats": batch_stats}, images,
+                                                train=True)
+            return cross_entropy(logits, labels), (new_stats, logits, {})
+
+    def step(params, batch_stats, opt_state, images, labels, rng):
+        (loss, (new_stats, logits, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            params, batch_stats, images, labels, rng)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels), **aux}
+        return params, new_stats, opt_state, metrics
+
+    return jax.jit(step, donate_argnums=(0, 1, 2))
+
+
+def make_eval_step(model: models.ResNet):
+    """Returns jit(f)(variables, images) -> logits (N, C) with running BatchNorm statistics."""
+    return jax.jit(lambda variables, images: models.apply(model, variables, images)[0])
+
+
+def evaluate(model, variables, dataset, batch_size: int = 128) -> float:
+    """Returns the accuracy of the model on every example of `dataset`."""
+    eval_step = make_eval_step(model)
+    correct = 0
+    for batch in dataset.batches(batch_size):
+        logits = eval_step(variables, batch.images)
+        correct += int(np.sum(np.asarray(jnp.argmax(logits, -1)) == batch.labels))
+    return correct / len(dataset)
+
+
+def random_shift(images, rng, max_shift: int):
+    """Returns images (N, H, W, C) each translated by a random integer offset in [-s, s], edge-padded."""
+    if max_shift <= 0:
+        return images
+    n, h, w, _ = images.shape
+    padded = jnp.pad(images, ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0)), mode="edge")
+    offsets = jax.random.randint(rng, (n, 2), 0, 2 * max_shift + 1)
+    crop = lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, img.shape[-1]))
+    return jax.vmap(crop)(padded, offsets)
+
+
+def fit(config: TrainConfig, out_dir: str, progress: bool = True, log=print) -> dict:
+    """Trains (or resumes) a model; returns {"test_accuracy", "epochs", "seconds", "history"}."""
+    from tqdm.auto import tqdm
+
+    for name, value in (("epochs", config.epochs), ("batch_size", config.batch_size)):
+        if value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if config.grad_align < 0 or config.grad_mi < 0:
+        raise UserError("--grad-align and --grad-mi must be >= 0")
+    kind, arg, _ = data.parse_spec(config.data)
+    normalization = "none" if kind == "digits" else "imagenet"
+    train_set = data.load(config.data, image_size=config.image_size, normalization=normalization,
+                          default_split="train", seed=config.seed)
+    test_set = data.load(kind if arg is None else f"{kind}:{arg}", image_size=train_set.image_size,
+                         normalization=normalization, default_split="test", seed=config.seed)
+    model = models.create(config.model, train_set.num_classes, config.stem)
+    steps_per_epoch = max(1, len(train_set) // config.batch_size)
+    tx = make_optimizer(config, steps_per_epoch)
+    meta = checkpoint.make_meta(config.model, train_set.num_classes, train_set.class_names, config.stem,
+                                train_set.image_size, normalization, data=train_set.spec,
+                                train_config={k: v for k, v in config.__dict__.items() if k != "extra"})
+    params, batch_stats, opt_state, start_epoch, history = _initial_state(config, model, tx, meta, out_dir,
+                                                                           train_set.image_size)
+    loss_fn = None
+    if config.grad_align > 0 or config.grad_mi > 0:
+        from .align import make_aligned_loss
+        loss_fn = make_aligned_loss(model, config.grad_align, config.grad_mi)
+    train_step = make_train_step(model, tx, loss_fn)
+    rng = jax.random.key(config.seed)
+    started = time.perf_counter()
+    for epoch in range(start_epoch, config.epochs):
+        epoch_rng = jax.random.fold_in(rng, epoch)
+        batches = train_set.batches(config.batch_size, shuffle=True, seed=config.seed * 1000 + epoch,
+                                    drop_remainder=True)
+        bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
+                   unit="batch", disable=not progress, leave=False)
+        losses, accs = [], []
+        for i, batch in enumerate(bar):
+            step_rng = jax.random.fold_in(epoch_rng, i)
+            images = random_shift(jnp.asarray(batch.images), step_rng, config.augment_shift)
+            params, batch_stats, opt_state, metrics = train_step(params, batch_stats, opt_state, images,
+                                                                 jnp.asarray(batch.labels), step_rng)
+            loss = float(metrics["loss"])
+            if not math.isfinite(loss):
+                raise UserError(f"training loss became {loss} at epoch {epoch + 1}, step {i + 1}; the last good "
+                                f"checkpoint in {out_dir} is kept: lower --learning-rate or the loss weights")
+            losses.append(loss)
+            accs.append(float(metrics["accuracy"]))
+            bar.set_postfix(loss=f"{loss:.3f}")
+        variables = {"params": params, "batch_stats": batch_stats}
+        test_acc = evaluate(model, variables, test_set)
+        record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "train_accuracy": float(np.mean(accs)),
+                  "test_accuracy": test_acc, "seconds": round(time.perf_counter() - started, 1)}
+        history.append(record)
+        log(f"epoch {epoch + 1}/{config.epochs}: loss {record['train_loss']:.4f}  train acc "
+            f"{record['train_accuracy']:.3f}  test acc {test_acc:.4f}  ({record['seconds']:.0f} s)")
+        checkpoint.save(out_dir, epoch + 1, variables, dict(meta, test_accuracy=test_acc, history=history),
+                        opt_state=opt_state)
+    final = history[-1]["test_accuracy"] if history else float("nan")
+    return {"test_accuracy": final, "epochs": config.epochs, "history": history,
+            "seconds": time.perf_counter() - started, "test_split": test_set.spec}
+
+
+def _initial_state(config, model, tx, meta, out_dir, image_size):
+    """Returns (params, batch_stats, opt_state, start_epoch, history), resuming from out_dir if it holds a step."""
+    if checkpoint.latest_step(out_dir) is not None:
+        old = checkpoint.load_meta(out_dir)
+        for key in ("model", "num_classes", "stem", "image_size", "data", "train_config"):
+            if old.get(key) != meta.get(key):
+                raise UserError(f"{out_dir} holds a run with {key}={old.get(key)!r}, not {meta.get(key)!r}: "
+                                f"pass another --out or delete it")
+        abstract = jax.eval_shape(tx.init, models.variable_shapes(model, image_size)["params"])
+        ckpt = checkpoint.load(out_dir, opt_state_target=abstract)
+        return (ckpt.variables["params"], ckpt.variables["batch_stats"], ckpt.opt_state, ckpt.step,
+                list(old.get("history", [])))
+    variables = models.init(model, jax.random.key(config.seed), image_size)
+    return variables["params"], variables["batch_stats"], tx.init(variables["params"]), 0, []
