@@ -41,7 +41,8 @@ def _manager(directory: str, create: bool = False, keep: int | None = None):
 
     logging.getLogger("absl").setLevel(logging.ERROR)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
-    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    handlers = {"state": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler()}
     return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_handlers=handlers)
 
 
@@ -62,12 +63,12 @@ def save(directory: str, step: int, variables: dict, meta: dict, opt_state=None,
     missing = [k for k in META_KEYS if k not in meta]
     if missing:
         raise ValueError(f"checkpoint metadata lacks {missing}")
-    state = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+    items = {"state": ocp.args.StandardSave({"params": variables["params"], "batch_stats": variables["batch_stats"]}),
+             "meta": ocp.args.JsonSave(dict(meta, step=int(step)))}
     if opt_state is not None:
-        state["opt_state"] = opt_state
+        items["opt_state"] = ocp.args.StandardSave(opt_state)
     mgr = _manager(directory, create=True, keep=keep)
-    mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                           meta=ocp.args.JsonSave(dict(meta, step=int(step)))))
+    mgr.save(step, args=ocp.args.Composite(**items))
     mgr.wait_until_finished()
     mgr.close()
 
@@ -127,18 +128,16 @@ def load(directory: str, step: int | None = None, opt_state_target=None, expect:
     model = models.create(meta["model"], meta["num_classes"], meta["stem"])
     shapes = models.variable_shapes(model, meta["image_size"])
     target = {"params": shapes["params"], "batch_stats": shapes["batch_stats"]}
+    items = {"state": ocp.args.StandardRestore(jax.tree.map(_abstract, target))}
     if opt_state_target is not None:
-        target["opt_state"] = opt_state_target
+        items["opt_state"] = ocp.args.StandardRestore(jax.tree.map(_abstract, opt_state_target))
     mgr = _manager(directory)
     try:
-        stored = mgr.item_metadata(step)["state"]
-        check_tree(stored, target, directory)
-        restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(
-            jax.tree.map(_abstract, target))))["state"]
+        check_tree(mgr.item_metadata(step)["state"], target, directory)
+        restored = mgr.restore(step, args=ocp.args.Composite(**items))
     finally:
         mgr.close()
-    variables = {"params": restored["params"], "batch_stats": restored["batch_stats"]}
-    return Checkpoint(step=step, variables=variables, opt_state=restored.get("opt_state"), meta=meta)
+    return Checkpoint(step=step, variables=dict(restored["state"]), opt_state=restored.get("opt_state"), meta=meta)
 
 
 def _abstract(leaf):

@@ -127,6 +127,126 @@ def info(ckpt):
                                                      for h in history))
 
 
+@cli.command()
+@click.option("--ckpt", "ckpt_dir", required=True, help="Checkpoint directory (from train or convert).")
+@click.option("--data", "data_spec", default="digits", show_default=True,
+              help="Data spec; default split: the held-out one (digits:test, folder:PATH:test, ...).")
+@click.option("--out", "out_dir", required=True, help="Store directory; an interrupted run resumes in it.")
+@click.option("--grad-params", default="fc", show_default=True,
+              help="Parameters of the per-example gradient: fc (the draft's GW), layer4, all, or a path "
+                   "pattern such as 'layer4_*/conv2/*'.")
+@click.option("--label-source", type=click.Choice(["true", "predicted"]), default="true", show_default=True,
+              help="Label of the loss: the true label (the draft) or the argmax prediction (control).")
+@click.option("--project-dim", type=int, default=None,
+              help="Random projection of each gradient to this many dimensions (seeded, on device).")
+@click.option("--batch-size", default=64, show_default=True, help="Images per shard (and per step).")
+@click.option("--limit", type=int, default=None, help="Only the first N images.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the projection.")
+@click.option("--force", is_flag=True, help="Rebuild the store even if it holds a complete or other run.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def extract(ckpt_dir, data_spec, out_dir, grad_params, label_source, project_dim, batch_size, limit, seed, force,
+            quiet):
+    """Write per-example gradients (GW), probabilities (P), logits, features (FM), labels and ids."""
+    _setup_jax()
+    from . import extract as extraction
+
+    manifest = extraction.run_extract(ckpt_dir, data_spec, out_dir, grad_params=grad_params,
+                                      label_source=label_source, project_dim=project_dim, seed=seed,
+                                      batch_size=batch_size, limit=limit, progress=not quiet, force=force,
+                                      log=click.echo)
+    click.echo(f"store {out_dir}: {manifest['n']} images, gw {manifest['n']} x {manifest['dim']} "
+               f"({manifest['run']['grad_params']}, {manifest['run']['label_source']} labels)")
+
+
+@cli.command()
+@click.option("--ckpt", "ckpt_dir", required=True, help="Checkpoint directory.")
+@click.option("--data", "data_spec", default="digits", show_default=True, help="Data spec (default: held-out split).")
+@click.option("--out", "out_dir", required=True, help="Output directory (replaced when complete).")
+@click.option("--layer", type=click.Choice(["stem", "layer1", "layer2", "layer3", "layer4"]), default="layer4",
+              show_default=True, help="Stage whose output the maps are computed on.")
+@click.option("--method", type=click.Choice(["gradcam", "gradcampp"]), default="gradcam", show_default=True,
+              help="Grad-CAM or Grad-CAM++.")
+@click.option("--target", type=click.Choice(["true", "predicted"]), default="true", show_default=True,
+              help="Class whose logit is explained.")
+@click.option("--limit", type=int, default=None, help="Only the first N images.")
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--max-pairs", default=2000, show_default=True,
+              help="Same-class pairs of maps to compare (a seeded sample when there are more).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def gradcam(ckpt_dir, data_spec, out_dir, layer, method, target, limit, batch_size, max_pairs, seed, quiet):
+    """Grad-CAM maps (cams.npy), agreement metrics (CSV/JSON) and an overlay grid (PNG)."""
+    _setup_jax()
+    summary = pipeline().run_gradcam(ckpt_dir, data_spec, out_dir, layer=layer, method=method, target=target,
+                                     limit=limit, batch_size=batch_size, max_pairs=max_pairs, seed=seed,
+                                     progress=not quiet)
+    rows = pipeline().cam_metric_rows(summary)
+    click.echo(pipeline().markdown_table(rows, ("comparison", "metric", "mean", "std", "n", "undefined")))
+    click.echo(f"{summary['n']} maps of {summary['data']} ({summary['degenerate_maps']} all-zero) compared with "
+               f"{summary['compared_with']}; written to {out_dir}")
+
+
+@cli.command()
+@click.argument("stores", nargs=-1, required=True, type=click.Path())
+@click.option("--cams", "cams_dirs", multiple=True, help="Grad-CAM directory per store, in the same order.")
+@click.option("--out", "out_prefix", default=None, help="Write OUT.csv and OUT.json beside the printed table.")
+def similarity(stores, cams_dirs, out_prefix):
+    """Table 1: mean same-class cosine similarity of GW, P and FM (and Grad-CAM agreement)."""
+    from . import reproduce
+
+    p = pipeline()
+    rows, details = p.similarity_table(list(stores), list(cams_dirs) or None)
+    click.echo(reproduce.markdown_table_1(rows))
+    click.echo()
+    click.echo(p.markdown_table(rows, ["Model", *p.INTER_COLUMNS]))
+    if out_prefix:
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+        p.write_csv(out_prefix + ".csv", rows, columns)
+        p.write_json(out_prefix + ".json", {"rows": rows, "details": details})
+        click.echo(f"wrote {out_prefix}.csv and {out_prefix}.json")
+
+
+@cli.command("reproduce")
+@click.option("--models", "models_text", default="resnet18,resnet34,resnet50,resnet101,resnet152", show_default=True,
+              help="Comma-separated models.")
+@click.option("--data", "data_spec", default="digits", show_default=True,
+              help="Data spec: trained on its training split, analysed on its held-out split.")
+@click.option("--ckpt", "ckpts", multiple=True, metavar="NAME=DIR",
+              help="Use this checkpoint for model NAME instead of training (e.g. converted weights).")
+@click.option("--out", "out_dir", default="results", show_default=True)
+@click.option("--quick", is_flag=True, help="ResNet-18 only, 3 epochs, 200 held-out images (about 2 minutes).")
+@click.option("--limit", type=int, default=None, help="Analyse only the first N held-out images.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Replace results of another configuration in --out.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def reproduce_cmd(models_text, data_spec, ckpts, out_dir, quick, limit, seed, force, quiet):
+    """Train, extract, Grad-CAM, Tables 1-3, the misclassification report and figures, for each model."""
+    _setup_jax()
+    from . import reproduce
+
+    models = reproduce.parse_models("resnet18" if quick and models_text == MODELS_DEFAULT else models_text)
+    given = {}
+    for item in ckpts:
+        name, sep, path = item.partition("=")
+        if not sep or not path:
+            raise UserError(f"--ckpt takes NAME=DIR, got {item!r}")
+        given[name] = path
+    results = reproduce.run(models, data_spec, given, out_dir, quick=quick, force=force, limit=limit, seed=seed,
+                            progress=not quiet, log=click.echo)
+    click.echo(f"wrote {out_dir}/tables.md, results.json, *.csv and {len(results['figures'])} figures "
+               f"in {results['timings']['total_seconds']:.0f} s")
+
+
+MODELS_DEFAULT = "resnet18,resnet34,resnet50,resnet101,resnet152"
+
+
+def pipeline():
+    """Returns the pipeline module (imported on first use, so --help stays fast)."""
+    from . import pipeline as module
+
+    return module
+
+
 def main(argv=None) -> None:
     """Entry point: runs the CLI, turning bad input into one line on stderr and exit code 2."""
     try:

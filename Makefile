@@ -1,0 +1,31 @@
+# Two commands for a new user: `make reproduce` (the main job) and `make test`.
+# Each creates .venv and installs the project on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+ARGS ?=
+
+.PHONY: reproduce test install clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[test,tfds]'
+	touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+
+reproduce: $(VENV)/.installed
+	$(BIN)/resnet-jax reproduce $(ARGS)
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q $(ARGS)
+
+clean:
+	rm -rf $(VENV) results
