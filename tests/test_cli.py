@@ -1,0 +1,122 @@
+"""The command line: bad input gives one line and exit code 2; the commands compose end to end."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import make_folder, run_cli
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_models_prints_parameter_counts(capsys):
+    code, out, _ = run_cli(["models"], capsys)
+    assert code == 0
+    for count in ("11,689,512", "21,797,672", "25,557,032", "44,549,160", "60,192,808"):
+        assert count in out
+
+
+def test_unknown_model(capsys, tmp_path):
+    code, _, err = run_cli(["train", "--model", "resnet19", "--out", str(tmp_path / "x")], capsys)
+    assert_one_line_error(code, err, "unknown model 'resnet19'", "resnet50")
+    assert not (tmp_path / "x").exists()
+
+
+def test_missing_checkpoint(capsys, tmp_path):
+    code, _, err = run_cli(["extract", "--ckpt", str(tmp_path / "none"), "--out", str(tmp_path / "s")], capsys)
+    assert_one_line_error(code, err, "does not exist")
+    assert not (tmp_path / "s").exists()
+
+
+def test_empty_folder_and_class_without_images(capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli(["train", "--data", f"folder:{tmp_path / 'empty'}", "--out", str(tmp_path / "o")], capsys)
+    assert_one_line_error(code, err)
+    root = make_folder(tmp_path / "data", per_class=2)
+    os.makedirs(os.path.join(root, "zebra"))
+    code, _, err = run_cli(["train", "--data", f"folder:{root}", "--image-size", "24", "--out",
+                            str(tmp_path / "o")], capsys)
+    assert_one_line_error(code, err, "zebra")
+    assert not (tmp_path / "o").exists()
+
+
+def test_corrupt_image(capsys, tmp_path):
+    root = make_folder(tmp_path / "data", per_class=4)
+    with open(os.path.join(root, "circle", "001.png"), "wb") as f:
+        f.write(b"not a png")
+    code, _, err = run_cli(["train", "--data", f"folder:{root}", "--image-size", "24", "--stem", "small",
+                            "--epochs", "1", "--batch-size", "2", "--out", str(tmp_path / "o"), "--quiet"], capsys)
+    assert_one_line_error(code, err, "001.png")
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_tfds_dataset(capsys, tmp_path):
+    pytest.importorskip("tensorflow_datasets")
+    code, _, err = run_cli(["train", "--data", "tfds:no_such_dataset_xyz", "--out", str(tmp_path / "o")], capsys)
+    assert_one_line_error(code, err, "no_such_dataset_xyz")
+
+
+def test_checkpoint_of_another_class_count(capsys, tiny_ckpt, tmp_path):
+    code, _, err = run_cli(["extract", "--ckpt", tiny_ckpt, "--data", "digits", "--out", str(tmp_path / "s")],
+                           capsys)
+    assert_one_line_error(code, err, "10 classes", "3")
+    assert not (tmp_path / "s").exists()
+
+
+def test_grad_params_matching_nothing(capsys, tiny_ckpt, tiny_folder, tmp_path):
+    code, _, err = run_cli(["extract", "--ckpt", tiny_ckpt, "--data", f"folder:{tiny_folder}:test", "--out",
+                            str(tmp_path / "s"), "--grad-params", "nothing_here*"], capsys)
+    assert_one_line_error(code, err, "nothing_here")
+
+
+def test_train_info_extract_gradcam_similarity(capsys, tiny_ckpt, tiny_folder, tmp_path):
+    code, out, _ = run_cli(["info", tiny_ckpt], capsys)
+    assert code == 0 and "resnet18" in out and "circle" in out
+    spec = f"folder:{tiny_folder}:all"
+    store = str(tmp_path / "store")
+    code, out, err = run_cli(["extract", "--ckpt", tiny_ckpt, "--data", spec, "--out", store, "--batch-size", "8",
+                              "--quiet"], capsys)
+    assert code == 0, err
+    gw = np.load(os.path.join(store, "gw.npy"))
+    fm = np.load(os.path.join(store, "fm.npy"))
+    assert gw.shape == (30, 512 * 3 + 3) and fm.shape == (30, 512)
+    cams = str(tmp_path / "cams")
+    code, out, err = run_cli(["gradcam", "--ckpt", tiny_ckpt, "--data", spec, "--out", cams, "--quiet"], capsys)
+    assert code == 0, err
+    assert np.load(os.path.join(cams, "cams.npy")).shape == (30, 24, 24)
+    assert os.path.getsize(os.path.join(cams, "overlays.png")) > 1000
+    code, out, err = run_cli(["similarity", store, "--cams", cams, "--out", str(tmp_path / "t1")], capsys)
+    assert code == 0, err
+    assert "Cos_Sim_GW" in out and "Grad_Cam_SSIM" in out and "resnet18" in out
+    rows = json.load(open(tmp_path / "t1.json"))["rows"]
+    # Cos_Sim_P against a direct brute-force computation from the store.
+    p = np.load(os.path.join(store, "p.npy")).astype(np.float64)
+    labels = np.load(os.path.join(store, "labels.npy"))
+    u = p / np.linalg.norm(p, axis=1, keepdims=True)
+    sims = u @ u.T
+    same = (labels[:, None] == labels[None]) & ~np.eye(len(labels), dtype=bool)
+    assert rows[0]["Cos_Sim_P"] == pytest.approx(sims[same].mean(), rel=1e-6)
+    # Mismatched stores and maps are refused.
+    code, _, err = run_cli(["similarity", store, "--cams", cams, "--cams", cams], capsys)
+    assert_one_line_error(code, err, "one per store")
+
+
+def test_train_resumes_and_refuses_other_runs(capsys, tiny_folder, tmp_path):
+    from resnet_jax import checkpoint
+
+    out = str(tmp_path / "run")
+    args = ["train", "--data", f"folder:{tiny_folder}", "--image-size", "24", "--stem", "small", "--batch-size",
+            "8", "--out", out, "--quiet"]
+    code, _, err = run_cli(args + ["--epochs", "1"], capsys)
+    assert code == 0, err
+    assert checkpoint.latest_step(out) == 1
+    code, _, err = run_cli(args + ["--epochs", "1", "--model", "resnet34"], capsys)
+    assert_one_line_error(code, err, "resnet34")
