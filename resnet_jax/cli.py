@@ -143,17 +143,32 @@ def info(ckpt):
 @click.option("--limit", type=int, default=None, help="Only the first N images.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the projection.")
 @click.option("--force", is_flag=True, help="Rebuild the store even if it holds a complete or other run.")
+@click.option("--distributed", is_flag=True,
+              help="Multi-host: call jax.distributed.initialize() and extract this process's slice of the data "
+                   "(give each process its own --out). On TPU, Slurm and Open MPI the peers are found "
+                   "automatically; elsewhere pass the three options below.")
+@click.option("--coordinator", default=None, help="With --distributed: address:port of process 0.")
+@click.option("--num-processes", type=int, default=None, help="With --distributed: number of processes.")
+@click.option("--process-id", type=int, default=None, help="With --distributed: this process's index.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def extract(ckpt_dir, data_spec, out_dir, grad_params, label_source, project_dim, batch_size, limit, seed, force,
-            quiet):
+            distributed, coordinator, num_processes, process_id, quiet):
     """Write per-example gradients (GW), probabilities (P), logits, features (FM), labels and ids."""
     _setup_jax()
     from . import extract as extraction
 
+    process = None
+    if distributed:
+        import jax
+
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                                   process_id=process_id)
+        process = (jax.process_index(), jax.process_count())
+
     manifest = extraction.run_extract(ckpt_dir, data_spec, out_dir, grad_params=grad_params,
                                       label_source=label_source, project_dim=project_dim, seed=seed,
                                       batch_size=batch_size, limit=limit, progress=not quiet, force=force,
-                                      log=click.echo)
+                                      process=process, log=click.echo)
     click.echo(f"store {out_dir}: {manifest['n']} images, gw {manifest['n']} x {manifest['dim']} "
                f"({manifest['run']['grad_params']}, {manifest['run']['label_source']} labels)")
 
@@ -235,6 +250,135 @@ def reproduce_cmd(models_text, data_spec, ckpts, out_dir, quick, limit, seed, fo
                             progress=not quiet, log=click.echo)
     click.echo(f"wrote {out_dir}/tables.md, results.json, *.csv and {len(results['figures'])} figures "
                f"in {results['timings']['total_seconds']:.0f} s")
+
+
+@cli.command()
+@click.option("--ckpt", "ckpt_dir", required=True, help="Checkpoint directory.")
+@click.option("--data", "data_spec", default="digits", show_default=True, help="Data spec (default: held-out split).")
+@click.option("--limit", type=int, default=256, show_default=True, help="Images to use (the first N).")
+@click.option("--params", "param_subset", default="fc", show_default=True,
+              help="Parameters of the Hessian: fc, layer4, all or a path pattern.")
+@click.option("--iterations", default=20, show_default=True, help="Lanczos iterations for the top eigenvalue.")
+@click.option("--probes", default=30, show_default=True, help="Hutchinson probes for the trace.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--json", "json_path", default=None, help="Also write the report as JSON here.")
+def curvature(ckpt_dir, data_spec, limit, param_subset, iterations, probes, seed, json_path):
+    """Top Hessian eigenvalue and trace of the loss, for correctly classified and misclassified images."""
+    _setup_jax()
+    import numpy as np
+
+    from . import checkpoint, hessian
+
+    ckpt = checkpoint.load(ckpt_dir)
+    ds = pipeline().open_dataset(data_spec, ckpt.meta, seed=seed)
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be at least 1, got {limit}")
+    batch = ds.take(np.arange(min(len(ds), limit or len(ds))))
+    report = hessian.curvature_report(ckpt.model, ckpt.variables, batch.images, batch.labels, params=param_subset,
+                                      n_iter=iterations, n_samples=probes, seed=seed)
+    rows = [{"group": name, **{k: g.get(k) for k in ("count", "loss", "top_eigenvalue", "trace", "trace_stderr")}}
+            for name, g in report["groups"].items()]
+    click.echo(pipeline().markdown_table(rows, ("group", "count", "loss", "top_eigenvalue", "trace", "trace_stderr")))
+    click.echo(f"Hessian of the mean loss w.r.t. {report['params']} ({report['n_params']:,} parameters), "
+               f"{report['n_images']} images of {ds.spec}, accuracy {report['accuracy']:.4f}")
+    if json_path:
+        pipeline().write_json(json_path, report)
+
+
+@cli.group()
+def bench():
+    """Benchmarks: throughputs measured side by side in one run, printed as ratios."""
+
+
+def _print_bench(title: str, rows: list[tuple[str, float, str]]) -> None:
+    click.echo(f"## {title}")
+    click.echo(pipeline().markdown_table([{"work": w, "value": v, "ratio": r} for w, v, r in rows],
+                                         ("work", "value", "ratio"), 2))
+
+
+@bench.command("grads")
+@click.option("--model", default="resnet50", show_default=True, callback=_model_name)
+@click.option("--size", default=224, show_default=True, help="Input size in pixels.")
+@click.option("--batch", default=32, show_default=True, help="Batch for forward, fwd+bwd, fc and projected all.")
+@click.option("--vmap-batch", default=8, show_default=True, help="Batch for vmap(grad) over all parameters.")
+@click.option("--loop-n", default=8, show_default=True, help="Images in the per-sample jax.grad loop.")
+@click.option("--project-dim", default=1024, show_default=True)
+@click.option("--steps", default=3, show_default=True, help="Timed repetitions (median).")
+@click.option("--json", "json_path", default=None, help="Also write the numbers as JSON here.")
+def bench_grads_cmd(model, size, batch, vmap_batch, loop_n, project_dim, steps, json_path):
+    """Per-example gradient throughput beside forward and batched forward+backward."""
+    _setup_jax()
+    import jax
+
+    from . import grads
+
+    result = grads.bench_grads(model, size, batch=batch, vmap_batch=vmap_batch, loop_n=loop_n,
+                               project_dim=project_dim, steps=steps, log=click.echo)
+    rates, ratios = result["samples_per_s"], result["ratios"]
+    rows = [(f"{k} (samples/s)", v, "") for k, v in rates.items()]
+    rows += [(f"ratio {k}", v, "") for k, v in ratios.items()]
+    _print_bench(f"{model} {size}px on {jax.devices()[0].device_kind} x{jax.device_count()}", rows)
+    if json_path:
+        pipeline().write_json(json_path, result)
+
+
+@bench.command("gradcam")
+@click.option("--model", default="resnet18", show_default=True, callback=_model_name)
+@click.option("--size", default=72, show_default=True)
+@click.option("--batch", default=32, show_default=True)
+@click.option("--steps", default=10, show_default=True)
+@click.option("--layer", default="layer4", show_default=True)
+@click.option("--similarity-n", default=100_000, show_default=True, help="Rows for the similarity timing.")
+@click.option("--similarity-d", default=2048, show_default=True, help="Feature dimension for the similarity timing.")
+@click.option("--json", "json_path", default=None)
+def bench_gradcam_cmd(model, size, batch, steps, layer, similarity_n, similarity_d, json_path):
+    """Grad-CAM images/s beside the forward pass; intra-class similarity time beside brute force."""
+    _setup_jax()
+    import jax
+
+    from metrics import similarity
+
+    from . import gradcam, models
+
+    net = models.create(model, 1000)
+    variables = models.init(net, jax.random.key(0), size)
+    cam = gradcam.bench_gradcam(net, variables, batch, size, steps=steps, layer=layer)
+    sim = similarity.benchmark_similarity(n=similarity_n, d=similarity_d, n_brute=min(5000, similarity_n))
+    _print_bench(f"{model} {size}px batch {batch} on {jax.devices()[0].device_kind}", [
+        ("forward (images/s)", cam["forward_images_per_s"], ""),
+        (f"Grad-CAM {layer} (images/s)", cam["gradcam_images_per_s"], f"{cam['ratio']:.2f} x forward"),
+        (f"similarity {similarity_n:,} x {similarity_d} (s)", sim["fast_s"], ""),
+        (f"similarity {sim['n_brute']:,} x {similarity_d} (s)", sim["fast_small_s"], ""),
+        (f"brute force {sim['n_brute']:,} x {similarity_d} (s)", sim["brute_s"], f"{sim['speedup']:.0f} x slower")])
+    if json_path:
+        pipeline().write_json(json_path, {"gradcam": cam, "similarity": sim})
+
+
+@bench.command("train")
+@click.option("--model", default="resnet18", show_default=True, callback=_model_name)
+@click.option("--size", default=72, show_default=True)
+@click.option("--batch", default=32, show_default=True)
+@click.option("--grad-align", default=1.0, show_default=True)
+@click.option("--grad-mi", default=0.1, show_default=True)
+@click.option("--steps", default=5, show_default=True)
+@click.option("--hvp-params", default="all", show_default=True, help="Parameters of the HVP timing.")
+@click.option("--json", "json_path", default=None)
+def bench_train_cmd(model, size, batch, grad_align, grad_mi, steps, hvp_params, json_path):
+    """Plain vs gradient-aligned training step; one HVP as a multiple of one gradient."""
+    _setup_jax()
+    import jax
+
+    from . import align, hessian
+
+    tr = align.bench_train(model, size, batch, lambda_align=grad_align, lambda_mi=grad_mi, n_iter=steps)
+    hv = hessian.bench_hvp(model_name=model, image_size=size, batch_size=batch, params=hvp_params, n_iter=steps)
+    _print_bench(f"{model} {size}px batch {batch} on {jax.devices()[0].device_kind}", [
+        ("plain step (samples/s)", tr["plain_samples_per_s"], ""),
+        ("aligned step (samples/s)", tr["aligned_samples_per_s"], f"{tr['ratio']:.2f} x plain step time"),
+        ("gradient (s)", hv["grad_s"], ""),
+        ("HVP (s)", hv["hvp_s"], f"{hv['ratio']:.2f} x gradient")])
+    if json_path:
+        pipeline().write_json(json_path, {"train": tr, "hvp": hv})
 
 
 MODELS_DEFAULT = "resnet18,resnet34,resnet50,resnet101,resnet152"

@@ -37,6 +37,7 @@ class TrainConfig:
     augment_shift: int = 0
     grad_align: float = 0.0
     grad_mi: float = 0.0
+    per_class: int = 4
     extra: dict = field(default_factory=dict)
 
 
@@ -130,17 +131,22 @@ def fit(config: TrainConfig, out_dir: str, progress: bool = True, log=print) -> 
     loss_fn = None
     if config.grad_align > 0 or config.grad_mi > 0:
         from .align import make_aligned_loss
-        loss_fn = make_aligned_loss(model, config.grad_align, config.grad_mi)
+        loss_fn = make_aligned_loss(model, config.grad_align, config.grad_mi, seed=config.seed)
     train_step = make_train_step(model, tx, loss_fn)
     rng = jax.random.key(config.seed)
     started = time.perf_counter()
     for epoch in range(start_epoch, config.epochs):
         epoch_rng = jax.random.fold_in(rng, epoch)
-        batches = train_set.batches(config.batch_size, shuffle=True, seed=config.seed * 1000 + epoch,
-                                    drop_remainder=True)
+        if loss_fn is None:
+            batches = train_set.batches(config.batch_size, shuffle=True, seed=config.seed * 1000 + epoch,
+                                        drop_remainder=True)
+        else:  # class-balanced, so that every batch holds same-class pairs
+            from .align import balanced_batches
+            batches = (train_set.take(idx) for idx in balanced_batches(
+                train_set.labels, config.batch_size, config.per_class, seed=config.seed, epoch=epoch))
         bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
                    unit="batch", disable=not progress, leave=False)
-        losses, accs = [], []
+        losses, accs, extras = [], [], {}
         for i, batch in enumerate(bar):
             step_rng = jax.random.fold_in(epoch_rng, i)
             images = random_shift(jnp.asarray(batch.images), step_rng, config.augment_shift)
@@ -152,14 +158,19 @@ def fit(config: TrainConfig, out_dir: str, progress: bool = True, log=print) -> 
                                 f"checkpoint in {out_dir} is kept: lower --learning-rate or the loss weights")
             losses.append(loss)
             accs.append(float(metrics["accuracy"]))
+            for key in ("l_grad", "l_mi", "n_pairs"):
+                if key in metrics:
+                    extras.setdefault(key, []).append(float(metrics[key]))
             bar.set_postfix(loss=f"{loss:.3f}")
         variables = {"params": params, "batch_stats": batch_stats}
         test_acc = evaluate(model, variables, test_set)
         record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "train_accuracy": float(np.mean(accs)),
-                  "test_accuracy": test_acc, "seconds": round(time.perf_counter() - started, 1)}
+                  "test_accuracy": test_acc, "seconds": round(time.perf_counter() - started, 1),
+                  **{f"train_{k}": float(np.mean(v)) for k, v in extras.items()}}
         history.append(record)
         log(f"epoch {epoch + 1}/{config.epochs}: loss {record['train_loss']:.4f}  train acc "
-            f"{record['train_accuracy']:.3f}  test acc {test_acc:.4f}  ({record['seconds']:.0f} s)")
+            f"{record['train_accuracy']:.3f}  test acc {test_acc:.4f}  ({record['seconds']:.0f} s)"
+            + "".join(f"  {k} {np.mean(v):.4f}" for k, v in extras.items() if k != "n_pairs"))
         checkpoint.save(out_dir, epoch + 1, variables, dict(meta, test_accuracy=test_acc, history=history),
                         opt_state=opt_state)
     final = history[-1]["test_accuracy"] if history else float("nan")
