@@ -1,0 +1,333 @@
+"""Extract per-example gradients, probabilities and features of a data set into a store.
+
+A store is a directory::
+
+    manifest.json     what was run ("run": the fields that identify it), N, D, shapes, versions, and
+                      "complete": true only once every array below is in place
+    gw.npy            (N, D) float32 per-example gradients (D = k with a projection)
+    p.npy             (N, C) float32 softmax probabilities
+    logits.npy        (N, C) float32
+    fm.npy            (N, d) float32 pooled layer4 features (the fc input)
+    labels.npy        (N,) int32 the data set's labels
+    preds.npy         (N,) int32 argmax of the logits
+    ids.json          the N example ids, in row order
+    shards/           while running: shards/00000.npz, ... one per batch of `batch_size` rows (fewer
+                      when a batch's gradients would exceed HOST_BUDGET_FLOATS)
+
+Rows are the data set's examples in their unshuffled order (the first `limit`, or this process's
+slice, see `grads.process_shard`). Shard i holds rows [i*R, (i+1)*R), R = manifest["shards"]["rows"]; every file is
+written to a temporary name and renamed (atomic), so a shard or array that exists is whole.
+
+Resuming: the manifest (complete: false) is written first. A later run with the same arguments
+reads it, checks that it describes the same run, keeps the leading run of valid shards and
+continues from the first missing one (`Dataset.batches(start=...)`); the computation of one shard
+depends only on its rows, so the final arrays are byte-identical to an uninterrupted run. The arrays
+are assembled from the shards at the end, the manifest is then marked complete (last) and the
+shards removed. A store that holds another run (a different model, checkpoint, data, subset,
+label source, projection, limit, batch size, ...) is refused, naming the differing field; a
+complete identical store is left as it is (`force=True` rebuilds either).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from importlib import metadata
+from typing import Any
+
+import numpy as np
+
+from .errors import UserError
+
+STORE_FORMAT = "resnet-jax-store/1"
+ARRAYS = ("gw", "p", "logits", "fm", "labels", "preds")
+HOST_BUDGET_FLOATS = 1 << 28  # gradient floats one shard may hold in host memory (1 GiB of float32)
+
+
+class _Stop(Exception):
+    """Raised by the `stop_after_shards` test hook (simulates a killed run)."""
+
+
+def _versions() -> dict:
+    import flax
+    import jax
+
+    try:
+        own = metadata.version("resnet-jax")
+    except metadata.PackageNotFoundError:
+        own = "unknown"
+    return {"jax": jax.__version__, "flax": flax.__version__, "numpy": np.__version__, "resnet-jax": own}
+
+
+def _write_atomic(path: str, write) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_json(path: str, obj) -> None:
+    _write_atomic(path, lambda f: f.write(json.dumps(obj, indent=1, sort_keys=True).encode()))
+
+
+def _read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _digest(ids, labels) -> str:
+    h = hashlib.sha256()
+    for i in ids:
+        h.update(str(i).encode())
+        h.update(b"\0")
+    h.update(np.asarray(labels, np.int64).tobytes())
+    return h.hexdigest()
+
+
+def _check_args(grad_params, label_source, project_dim, batch_size, limit, process):
+    from . import grads
+
+    if label_source not in grads.LABEL_SOURCES:
+        raise UserError(f"unknown label source {label_source!r}: choose one of {', '.join(grads.LABEL_SOURCES)}")
+    if project_dim is not None and (isinstance(project_dim, bool) or not isinstance(project_dim, (int, np.integer))
+                                    or project_dim < 1):
+        raise UserError(f"projection dimension must be a positive integer, got {project_dim!r}: "
+                        f"pass e.g. --project-dim 1024, or none for the full gradient")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise UserError(f"batch size must be a positive integer, got {batch_size!r}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1):
+        raise UserError(f"limit must be a positive integer (the first N images), got {limit!r}")
+    if process is not None:
+        i, c = process
+        if int(c) < 1 or not 0 <= int(i) < int(c):
+            raise UserError(f"process {i} of {c} is not valid: pass (index, count) with 0 <= index < count")
+    if not isinstance(grad_params, str) or not grad_params.strip():
+        raise UserError(f"empty gradient parameter subset {grad_params!r}: pass fc, layer4, all or a glob")
+
+
+def _open_data(data_spec, split, meta):
+    if hasattr(data_spec, "batches") and hasattr(data_spec, "ids"):
+        return data_spec  # an already loaded Dataset
+    from . import data
+
+    return data.load(data_spec, split=split, image_size=meta["image_size"],
+                     normalization=meta.get("normalization", "none"), default_split="test")
+
+
+def _first_difference(old: dict, new: dict) -> str | None:
+    for key in list(new) + [k for k in old if k not in new]:  # the user's arguments before the digests
+        if old.get(key) != new.get(key):
+            return key
+    return None
+
+
+def _shard_path(out_dir: str, i: int) -> str:
+    return os.path.join(out_dir, "shards", f"{i:05d}.npz")
+
+
+def _valid_shard(path: str, rows: int, dim: int) -> bool:
+    try:
+        with np.load(path) as z:
+            return z["gw"].shape == (rows, dim) and len(z["ids"]) == rows
+    except Exception:  # unreadable: recompute it
+        return False
+
+
+def run_extract(ckpt_dir: str, data_spec, out_dir: str, grad_params: str = "fc", label_source: str = "true",
+                project_dim: int | None = None, seed: int = 0, batch_size: int = 64, limit: int | None = None,
+                progress: bool = True, *, force: bool = False, split: str | None = None,
+                process: tuple[int, int] | None = None, projection: str = "rademacher",
+                max_grad_floats: int | None = None, method: str = "auto", stop_after_shards: int | None = None,
+                log=print) -> dict:
+    """Extracts into the store `out_dir` (see the module docstring) and returns its manifest.
+
+    `data_spec` is a data spec ("digits:test", "folder:PATH", "tfds:NAME:SPLIT") or a loaded
+    `data.Dataset`. `process=(index, count)` extracts only that process's slice (multi-host).
+    `stop_after_shards` (tests) stops with an exception after writing that many shards.
+    """
+    from . import checkpoint, grads, models
+
+    _check_args(grad_params, label_source, project_dim, batch_size, limit, process)
+    batch_size = int(batch_size)
+    ckpt = checkpoint.load(ckpt_dir)
+    meta = ckpt.meta
+    ds = _open_data(data_spec, split, meta)
+    model = models.create(meta["model"], meta["num_classes"], meta.get("stem", "standard"))
+    lay = grads.layout(ckpt.variables["params"], grad_params)
+
+    n_all = len(ds)
+    lo, hi = 0, n_all
+    if process is not None:
+        r = grads.process_shard(n_all, int(process[0]), int(process[1]))
+        lo, hi = r.start, r.stop
+    if limit is not None:
+        hi = min(hi, lo + int(limit))
+    n = hi - lo
+    if n < 1:
+        raise UserError(f"no images to extract from {getattr(ds, 'spec', data_spec)} (size {n_all}): "
+                        f"check the data spec, limit and process slice")
+    ids = [str(i) for i in ds.ids[lo:hi]]
+    labels = np.asarray(ds.labels[lo:hi], np.int32)
+    C = int(meta["num_classes"])
+    if label_source == "true" and (labels.min() < 0 or labels.max() >= C):
+        raise UserError(f"{getattr(ds, 'spec', data_spec)} has label {int(labels.max() if labels.max() >= C else labels.min())}"
+                        f" but the model has {C} classes: use label source 'predicted' or data with the model's classes")
+    proj = None if project_dim is None else grads.Projection(int(project_dim), int(seed), projection)
+    dim = lay.dim if proj is None else proj.dim
+    run = {
+        "model": meta["model"], "num_classes": int(meta["num_classes"]), "stem": meta.get("stem", "standard"),
+        "image_size": int(meta["image_size"]), "normalization": meta.get("normalization", "none"),
+        "checkpoint": os.path.abspath(ckpt_dir), "checkpoint_step": int(ckpt.step),
+        "data": str(getattr(ds, "spec", data_spec)), "split": getattr(ds, "split", split),
+        "grad_params": grad_params, "label_source": label_source,
+        "projection": None if proj is None else proj.to_json(),
+        "limit": None if limit is None else int(limit), "batch_size": batch_size,
+        "process": None if process is None else [int(process[0]), int(process[1])],
+        "method": method, "max_grad_floats": None if max_grad_floats is None else int(max_grad_floats),
+        "data_size": int(n_all), "data_digest": _digest(ids, labels),
+        "grad_paths_digest": hashlib.sha256("\n".join(lay.paths).encode()).hexdigest(),
+    }
+    man_path = os.path.join(out_dir, "manifest.json")
+    shard_dir = os.path.join(out_dir, "shards")
+    # Rows per shard (and per loaded batch): batch_size, fewer when a batch's gradients would not fit
+    # HOST_BUDGET_FLOATS (e.g. params=all without projection). Fixed by the arguments.
+    rows_per_shard = max(1, min(batch_size, HOST_BUDGET_FLOATS // max(1, dim)))
+    n_shards = -(-n // rows_per_shard)
+
+    if os.path.exists(man_path):
+        old = _read_json(man_path)
+        if old.get("format") != STORE_FORMAT:
+            raise UserError(f"{out_dir} holds a manifest.json that is not an extract store's: choose another directory")
+        if force:
+            _clear(out_dir)
+        else:
+            diff = _first_difference(old.get("run", {}), run)
+            if diff is not None:
+                raise UserError(f"store {out_dir} holds a different run: {diff} is {old['run'].get(diff)!r} there "
+                                f"but {run.get(diff)!r} now; use another output directory (or force to overwrite)")
+            if old.get("complete"):
+                log(f"store {out_dir} is already complete ({old['n']} rows): nothing to do (force rebuilds it)")
+                return old
+    elif os.path.isdir(out_dir) and any(not e.startswith(".") for e in os.listdir(out_dir)):
+        raise UserError(f"{out_dir} is not empty and holds no extract store (manifest.json): "
+                        f"choose a new or empty output directory")
+    os.makedirs(shard_dir, exist_ok=True)
+    manifest = {
+        "format": STORE_FORMAT, "complete": False, "run": run, "n": n, "dim": dim, "grad_dim": lay.dim,
+        "layout": lay.to_json(), "class_names": [str(c) for c in getattr(ds, "class_names", meta["class_names"])],
+        "model_class_names": [str(c) for c in meta.get("class_names", [])],
+        "shards": {"count": n_shards, "rows": rows_per_shard}, "versions": _versions(),
+        "rows": [lo, hi],
+    }
+    if not os.path.exists(man_path):
+        _write_json(man_path, manifest)
+
+    # Resume after the leading run of valid shards.
+    done = 0
+    while done < n_shards and os.path.exists(_shard_path(out_dir, done)) and _valid_shard(
+            _shard_path(out_dir, done), min(rows_per_shard, n - done * rows_per_shard), dim):
+        done += 1
+    for name in os.listdir(shard_dir):  # leftovers of a killed write
+        if ".tmp-" in name:
+            os.remove(os.path.join(shard_dir, name))
+
+    t0 = time.time()
+    if done < n_shards:
+        fn = grads.build(model, ckpt.variables, params=grad_params, label_source=label_source,
+                         project_dim=project_dim, seed=seed, projection=projection,
+                         max_grad_floats=max_grad_floats, method=method)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, initial=done * rows_per_shard, unit="img", disable=not progress,
+                   desc=f"extract {grad_params}", dynamic_ncols=True)
+        written = 0
+        try:
+            shard = done
+            for batch in ds.batches(rows_per_shard, start=lo + done * rows_per_shard):
+                if shard >= n_shards:
+                    break
+                rows = min(rows_per_shard, n - shard * rows_per_shard)
+                images = np.asarray(batch.images)[:rows]
+                blabels = np.asarray(batch.labels, np.int32)[:rows]
+                bids = [str(i) for i in batch.ids[:rows]]
+                first = shard * rows_per_shard
+                if bids != ids[first:first + rows]:
+                    raise UserError(f"the data set returned ids {bids[:2]}... at row {first}, expected "
+                                    f"{ids[first:first + 2]}...: its order is not deterministic")
+                out = fn(images, blabels, bids)
+                arrays = {"gw": out["gw"], "p": out["probs"], "logits": out["logits"], "fm": out["fm"],
+                          "labels": blabels, "preds": out["preds"].astype(np.int32), "ids": np.asarray(bids)}
+                _write_atomic(_shard_path(out_dir, shard), lambda f: np.savez(f, **arrays))
+                shard += 1
+                written += 1
+                bar.update(rows)
+                if stop_after_shards is not None and written >= stop_after_shards and shard < n_shards:
+                    raise _Stop(f"stopped after {written} shard(s) (test hook)")
+        finally:
+            bar.close()
+        if shard < n_shards:
+            raise UserError(f"the data set ended after {shard * rows_per_shard} of {n} rows: it changed while "
+                            f"extracting; run again with a fresh output directory")
+
+    _assemble(out_dir, n, n_shards, rows_per_shard, ids)
+    manifest.update({"complete": True, "shapes": _shapes(out_dir), "seconds": round(time.time() - t0, 3),
+                     "files": [f"{a}.npy" for a in ARRAYS] + ["ids.json"]})
+    _write_json(man_path, manifest)
+    shutil.rmtree(shard_dir, ignore_errors=True)
+    return manifest
+
+
+def _clear(out_dir: str) -> None:
+    for name in [f"{a}.npy" for a in ARRAYS] + ["ids.json", "manifest.json"]:
+        p = os.path.join(out_dir, name)
+        if os.path.exists(p):
+            os.remove(p)
+    shutil.rmtree(os.path.join(out_dir, "shards"), ignore_errors=True)
+
+
+def _assemble(out_dir: str, n: int, n_shards: int, rows_per_shard: int, ids: list[str]) -> None:
+    first = np.load(_shard_path(out_dir, 0))
+    for name in ARRAYS:
+        a0 = first[name]
+        path = os.path.join(out_dir, f"{name}.npy")
+        tmp = f"{path}.tmp-{os.getpid()}"
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=a0.dtype, shape=(n,) + a0.shape[1:])
+        for i in range(n_shards):
+            with np.load(_shard_path(out_dir, i)) as z:
+                out[i * rows_per_shard:i * rows_per_shard + len(z[name])] = z[name]
+        out.flush()
+        del out
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    first.close()
+    _write_json(os.path.join(out_dir, "ids.json"), ids)
+
+
+def _shapes(out_dir: str) -> dict:
+    shapes = {}
+    for name in ARRAYS:
+        a = np.load(os.path.join(out_dir, f"{name}.npy"), mmap_mode="r")
+        shapes[name] = {"shape": list(a.shape), "dtype": str(a.dtype)}
+    return shapes
+
+
+def load_store(out_dir: str, mmap: bool = True) -> dict[str, Any]:
+    """Returns {"gw", "p", "logits", "fm", "labels", "preds": arrays, "ids": list, "manifest": dict}."""
+    man_path = os.path.join(out_dir, "manifest.json")
+    if not os.path.exists(man_path):
+        raise UserError(f"{out_dir} is not an extract store (no manifest.json): run 'resnet-jax extract' first")
+    manifest = _read_json(man_path)
+    if manifest.get("format") != STORE_FORMAT:
+        raise UserError(f"{out_dir}/manifest.json is not an extract store's: point to a store written by extract")
+    if not manifest.get("complete"):
+        raise UserError(f"store {out_dir} is incomplete: run extract again to finish it")
+    out: dict[str, Any] = {name: np.load(os.path.join(out_dir, f"{name}.npy"), mmap_mode="r" if mmap else None)
+                           for name in ARRAYS}
+    out["ids"] = _read_json(os.path.join(out_dir, "ids.json"))
+    out["manifest"] = manifest
+    return out
