@@ -233,8 +233,11 @@ def similarity(stores, cams_dirs, out_prefix):
 @click.option("--limit", type=int, default=None, help="Analyse only the first N held-out images.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Replace results of another configuration in --out.")
+@click.option("--grad-align", default=0.0, show_default=True,
+              help="Also train each model with the gradient-alignment loss (this λ1) and compare side by side.")
+@click.option("--grad-mi", default=0.0, show_default=True, help="λ2 (mutual information) of the aligned runs.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def reproduce_cmd(models_text, data_spec, ckpts, out_dir, quick, limit, seed, force, quiet):
+def reproduce_cmd(models_text, data_spec, ckpts, out_dir, quick, limit, seed, force, grad_align, grad_mi, quiet):
     """Train, extract, Grad-CAM, Tables 1-3, the misclassification report and figures, for each model."""
     _setup_jax()
     from . import reproduce
@@ -247,7 +250,7 @@ def reproduce_cmd(models_text, data_spec, ckpts, out_dir, quick, limit, seed, fo
             raise UserError(f"--ckpt takes NAME=DIR, got {item!r}")
         given[name] = path
     results = reproduce.run(models, data_spec, given, out_dir, quick=quick, force=force, limit=limit, seed=seed,
-                            progress=not quiet, log=click.echo)
+                            grad_align=grad_align, grad_mi=grad_mi, progress=not quiet, log=click.echo)
     click.echo(f"wrote {out_dir}/tables.md, results.json, *.csv and {len(results['figures'])} figures "
                f"in {results['timings']['total_seconds']:.0f} s")
 

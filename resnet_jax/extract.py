@@ -111,11 +111,16 @@ def _check_args(grad_params, label_source, project_dim, batch_size, limit, proce
 
 def _open_data(data_spec, split, meta):
     if hasattr(data_spec, "batches") and hasattr(data_spec, "ids"):
-        return data_spec  # an already loaded Dataset
-    from . import data
+        ds = data_spec  # an already loaded Dataset
+    else:
+        from . import data
 
-    return data.load(data_spec, split=split, image_size=meta["image_size"],
-                     normalization=meta.get("normalization", "none"), default_split="test")
+        ds = data.load(data_spec, split=split, image_size=meta["image_size"],
+                       normalization=meta.get("normalization", "none"), default_split="test")
+    if getattr(ds, "num_classes", meta["num_classes"]) != meta["num_classes"]:
+        raise UserError(f"{ds.spec} has {ds.num_classes} classes but the checkpoint's model has "
+                        f"{meta['num_classes']}: pass data with the checkpoint's classes")
+    return ds
 
 
 def _first_difference(old: dict, new: dict) -> str | None:

@@ -45,8 +45,13 @@ def parse_models(text: str) -> list[str]:
 
 def run(models: list[str], data_spec: str = "digits", ckpts: dict | None = None, out_dir: str = "results",
         quick: bool = False, force: bool = False, epochs: dict | None = None, limit: int | None = None,
-        seed: int = 0, progress: bool = True, log=print) -> dict:
-    """Runs the whole job; returns the results dict that is also written to results.json."""
+        seed: int = 0, grad_align: float = 0.0, grad_mi: float = 0.0, progress: bool = True, log=print) -> dict:
+    """Runs the whole job; returns the results dict that is also written to results.json.
+
+    With `grad_align` (or `grad_mi`) > 0 every model is trained twice on the same data and seed,
+    plainly and with the gradient-alignment loss, and the tables put the two side by side (the
+    aligned run is named e.g. "resnet18+align").
+    """
     from . import data
 
     ckpts = dict(ckpts or {})
@@ -58,17 +63,26 @@ def run(models: list[str], data_spec: str = "digits", ckpts: dict | None = None,
         limit = QUICK["limit"]
     kind, arg, split = data.parse_spec(data_spec)
     base_spec = kind if arg is None else f"{kind}:{arg}"
+    if grad_align < 0 or grad_mi < 0:
+        raise UserError("--grad-align and --grad-mi must be >= 0")
+    aligned = grad_align > 0 or grad_mi > 0
+    if aligned and ckpts:
+        raise UserError("--grad-align trains each model twice: it cannot be combined with --ckpt")
     config = {"models": models, "data": base_spec, "quick": quick, "seed": seed, "limit": limit,
+              "grad_align": grad_align, "grad_mi": grad_mi,
               "epochs": {m: epochs[m] for m in models if m not in ckpts},
               "checkpoints": {m: os.path.abspath(p) for m, p in ckpts.items()}}
     _prepare_out_dir(out_dir, config, force)
     started = time.perf_counter()
     results = {"config": config, "models": {}, "timings": {}}
     per_model = {}
-    for i, name in enumerate(models):
-        log(f"[{i + 1}/{len(models)}] {name}")
-        per_model[name] = _run_model(name, base_spec, ckpts.get(name), epochs.get(name), out_dir, limit, seed,
-                                     progress, log)
+    runs = [(m, m, 0.0, 0.0) for m in models]
+    if aligned:
+        runs = [r for m in models for r in ((m, m, 0.0, 0.0), (f"{m}+align", m, grad_align, grad_mi))]
+    for i, (name, arch, lam1, lam2) in enumerate(runs):
+        log(f"[{i + 1}/{len(runs)}] {name}")
+        per_model[name] = _run_model(name, arch, base_spec, ckpts.get(name), epochs.get(arch), out_dir, limit, seed,
+                                     lam1, lam2, progress, log)
         results["timings"][name] = per_model[name].pop("timings")
     results["models"] = per_model
     _figures_and_tables(results, out_dir, base_spec, seed, log)
@@ -94,7 +108,8 @@ def _prepare_out_dir(out_dir: str, config: dict, force: bool) -> None:
     pipeline.write_json(path, config)
 
 
-def _run_model(name, base_spec, ckpt_dir, epochs, out_dir, limit, seed, progress, log) -> dict:
+def _run_model(name, arch, base_spec, ckpt_dir, epochs, out_dir, limit, seed, grad_align, grad_mi, progress,
+               log) -> dict:
     from . import checkpoint, extract, train
 
     run_dir = os.path.join(out_dir, "runs", name)
@@ -102,7 +117,8 @@ def _run_model(name, base_spec, ckpt_dir, epochs, out_dir, limit, seed, progress
     t = time.perf_counter()
     if ckpt_dir is None:
         ckpt_dir = os.path.join(run_dir, "checkpoint")
-        config = train.TrainConfig(model=name, data=base_spec, epochs=epochs, seed=seed, augment_shift=4)
+        config = train.TrainConfig(model=arch, data=base_spec, epochs=epochs, seed=seed, augment_shift=4,
+                                   grad_align=grad_align, grad_mi=grad_mi)
         fit = train.fit(config, ckpt_dir, progress=progress, log=lambda s: log("  " + s))
         accuracy = fit["test_accuracy"]
     else:
@@ -190,7 +206,7 @@ def _figures_and_tables(results: dict, out_dir: str, base_spec: str, seed: int, 
     written = []
     for name, res in results["models"].items():
         cl = res["clustering"]
-        spaces = [s for s in SPACES if s in cl]
+        spaces = [s for s in ("GW", "FM", "P") if s in cl]
         labels = np.asarray(pipeline.load_cams(res["gradcam_dir"])["labels"])
         path = figures.pca_grid({s: np.asarray(cl[s]["coords2d"]) for s in spaces}, labels,
                                 {s: np.asarray(cl[s]["labels"]["kmeans"]) for s in spaces},

@@ -1,0 +1,66 @@
+"""`resnet-jax reproduce --quick` end to end: files, recomputable scores, identical second run, bad input."""
+import json
+import os
+
+import numpy as np
+import pytest
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+from conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("reproduce") / "results")
+    from resnet_jax.cli import main
+
+    try:
+        main(["reproduce", "--quick", "--out", out, "--quiet"])
+    except SystemExit as e:
+        assert not e.code
+    return out
+
+
+def test_quick_writes_every_output(quick_results):
+    for name in ("tables.md", "results.json", "config.json", "table1_similarity.csv", "table2_kmeans.csv",
+                 "table3_gmm.csv", "accuracy.csv", "figures/samples.png", "figures/resnet18_pca.png",
+                 "figures/resnet18_gradcam.png"):
+        assert os.path.getsize(os.path.join(quick_results, name)) > 0, name
+    text = open(os.path.join(quick_results, "tables.md")).read()
+    for heading in ("Table 1", "Table 2: clustering using KMeans", "Table 3: clustering using GMM",
+                    "Learning from misclassifications", "predicted-label"):
+        assert heading in text
+
+
+def test_scores_recompute_from_saved_cluster_labels(quick_results):
+    results = json.load(open(os.path.join(quick_results, "results.json")))
+    res = results["models"]["resnet18"]
+    labels = np.load(os.path.join(res["store"], "labels.npy"))
+    assert res["n"] == len(labels) == 200
+    for space in ("GW", "P", "FM", "GW_pred"):
+        for method in ("kmeans", "gmm"):
+            pred = np.asarray(res["clustering"][space]["labels"][method])
+            scores = res["clustering"][space]["scores"][method]
+            assert scores["ari"] == pytest.approx(adjusted_rand_score(labels, pred), abs=1e-12)
+            assert scores["nmi"] == pytest.approx(normalized_mutual_info_score(labels, pred), abs=1e-12)
+    preds = np.load(os.path.join(res["store"], "preds.npy"))
+    assert res["accuracy"] == pytest.approx(np.mean(preds == labels))
+
+
+def test_second_run_reuses_cache_and_gives_identical_tables(quick_results, capsys):
+    before = open(os.path.join(quick_results, "tables.md")).read()
+    code, out, err = run_cli(["reproduce", "--quick", "--out", quick_results, "--quiet"], capsys)
+    assert code == 0, err
+    assert open(os.path.join(quick_results, "tables.md")).read() == before
+    assert "already complete" in out
+
+
+def test_other_configuration_is_refused(quick_results, capsys):
+    code, _, err = run_cli(["reproduce", "--quick", "--seed", "1", "--out", quick_results], capsys)
+    assert code == 2 and "another configuration" in err and "--force" in err
+
+
+def test_unknown_model_in_list(capsys, tmp_path):
+    code, _, err = run_cli(["reproduce", "--models", "resnet18,resnet99", "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and "resnet99" in err
+    assert not (tmp_path / "r").exists()
