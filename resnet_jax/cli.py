@@ -123,8 +123,9 @@ def info(ckpt):
             value = value[:12] + [f"... ({len(value)} in all)"]
         click.echo(f"{key:>16}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
     if history:
-        click.echo(f"{'history':>16}: " + ", ".join(f"epoch {h['epoch']} acc {h['test_accuracy']:.4f}"
-                                                     for h in history))
+        click.echo(f"{'history':>16}: " + ", ".join(
+            f"epoch {h['epoch']} acc " + ("-" if h["test_accuracy"] is None else f"{h['test_accuracy']:.4f}")
+            for h in history))
 
 
 @cli.command()

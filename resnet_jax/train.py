@@ -49,7 +49,8 @@ def cross_entropy(logits, labels):
 def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
     """Returns AdamW on a linear warm-up then cosine-decay schedule over the whole run."""
     total = max(1, config.epochs * steps_per_epoch)
-    warmup = min(total - 1, int(config.warmup_epochs * steps_per_epoch))
+    # At most a quarter of a short run warms up.
+    warmup = min(total - 1, int(min(config.warmup_epochs, 0.25 * config.epochs) * steps_per_epoch))
     schedule = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup, total,
                                                   end_value=config.learning_rate * 1e-2)
     return optax.adamw(schedule, weight_decay=config.weight_decay)
@@ -105,8 +106,12 @@ def random_shift(images, rng, max_shift: int):
     return jax.vmap(crop)(padded, offsets)
 
 
-def fit(config: TrainConfig, out_dir: str, progress: bool = True, log=print) -> dict:
-    """Trains (or resumes) a model; returns {"test_accuracy", "epochs", "seconds", "history"}."""
+def fit(config: TrainConfig, out_dir: str, progress: bool = True, log=print, eval_every_epoch: bool = True) -> dict:
+    """Trains (or resumes) a model; returns {"test_accuracy", "epochs", "seconds", "history"}.
+
+    Held-out accuracy is measured after every epoch, or with `eval_every_epoch=False` only after
+    the last one (None in the other epochs' records).
+    """
     from tqdm.auto import tqdm
 
     for name, value in (("epochs", config.epochs), ("batch_size", config.batch_size)):
@@ -163,13 +168,15 @@ def fit(config: TrainConfig, out_dir: str, progress: bool = True, log=print) -> 
                     extras.setdefault(key, []).append(float(metrics[key]))
             bar.set_postfix(loss=f"{loss:.3f}")
         variables = {"params": params, "batch_stats": batch_stats}
-        test_acc = evaluate(model, variables, test_set)
+        last = epoch + 1 == config.epochs
+        test_acc = evaluate(model, variables, test_set) if eval_every_epoch or last else None
         record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "train_accuracy": float(np.mean(accs)),
                   "test_accuracy": test_acc, "seconds": round(time.perf_counter() - started, 1),
                   **{f"train_{k}": float(np.mean(v)) for k, v in extras.items()}}
         history.append(record)
         log(f"epoch {epoch + 1}/{config.epochs}: loss {record['train_loss']:.4f}  train acc "
-            f"{record['train_accuracy']:.3f}  test acc {test_acc:.4f}  ({record['seconds']:.0f} s)"
+            f"{record['train_accuracy']:.3f}  test acc {'-' if test_acc is None else f'{test_acc:.4f}'}  "
+            f"({record['seconds']:.0f} s)"
             + "".join(f"  {k} {np.mean(v):.4f}" for k, v in extras.items() if k != "n_pairs"))
         checkpoint.save(out_dir, epoch + 1, variables, dict(meta, test_accuracy=test_acc, history=history),
                         opt_state=opt_state)
