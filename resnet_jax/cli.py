@@ -56,7 +56,7 @@ def models_cmd(num_classes):
               help="Architecture: resnet18, resnet34, resnet50, resnet101 or resnet152.")
 @click.option("--data", "data_spec", default="digits", show_default=True,
               help="Data spec: digits, folder:PATH or tfds:NAME, each with an optional :SPLIT (default: train).")
-@click.option("--epochs", default=8, show_default=True, help="Passes over the training split.")
+@click.option("--epochs", default=6, show_default=True, help="Passes over the training split.")
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--learning-rate", default=2e-3, show_default=True, help="Peak AdamW learning rate (cosine decay).")
 @click.option("--weight-decay", default=5e-4, show_default=True)

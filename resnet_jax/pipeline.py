@@ -22,6 +22,7 @@ import numpy as np
 from .errors import UserError
 
 GRADCAM_FORMAT = "resnet-jax-gradcam/1"
+FIGURE_CLASSES = 10  # image grids show at most this many classes (one row each)
 TABLE1_COLUMNS = ("Cos_Sim_GW", "Cos_Sim_P", "Cos_Sim_FM", "Grad_Cam_CC", "Grad_Cam_KLD", "Grad_Cam_SIM",
                   "Grad_Cam_SSIM", "Grad_Cam_AUC")
 INTER_COLUMNS = ("Inter_GW", "Inter_P", "Inter_FM", "Gap_GW", "Gap_P", "Gap_FM")
@@ -111,7 +112,7 @@ def run_gradcam(ckpt_dir: str, data_spec: str, out_dir: str, layer: str = "layer
 
     Writes into out_dir (replaced whole, only once everything is computed): `cams.npy` (N, H, W)
     float32, `labels.npy`, `preds.npy`, `degenerate.npy`, `ids.json`, `metrics.json`, `metrics.csv`
-    and `overlays.png` (a few images per class with their maps).
+    and `overlays.png` (a few images per class with their maps, for up to FIGURE_CLASSES classes).
     """
     from tqdm.auto import tqdm
 
@@ -145,6 +146,8 @@ def run_gradcam(ckpt_dir: str, data_spec: str, out_dir: str, layer: str = "layer
             masks.append(batch.masks[:take])
         offset = sum(len(c) for c in cams) - take
         for k, label in enumerate(labels):
+            if int(label) not in shown and len(shown) >= FIGURE_CLASSES:
+                continue
             if len(shown.setdefault(int(label), [])) < per_class:
                 shown[int(label)].append((offset + k, images[k]))
         bar.update(take)
@@ -249,6 +252,23 @@ def gw_gram(rep: dict, gradient_labels) -> np.ndarray:
     from metrics import similarity
 
     return similarity.fc_gradient_gram(rep["fm"], rep["probs64"], gradient_labels)
+
+
+def unit_rows(X) -> np.ndarray:
+    """Returns the rows of X (N, D) scaled to unit length (the geometry of the cosine similarities)."""
+    X = np.asarray(X, np.float64)
+    norms = np.linalg.norm(X, axis=1, keepdims=True)
+    if np.any(norms == 0):
+        raise ValueError(f"{int(np.sum(norms == 0))} rows are all zero: their direction is undefined")
+    return X / norms
+
+
+def unit_gram(G) -> np.ndarray:
+    """Returns the Gram matrix (N, N) of the unit-length rows: G_ij / sqrt(G_ii G_jj)."""
+    d = np.sqrt(np.diag(G))
+    if np.any(d == 0):
+        raise ValueError(f"{int(np.sum(d == 0))} rows are all zero: their direction is undefined")
+    return G / np.outer(d, d)
 
 
 def gw_rows(rep: dict, gradient_labels) -> np.ndarray:

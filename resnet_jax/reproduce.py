@@ -175,13 +175,14 @@ def _cluster_and_report(rep: dict, seed: int):
     from clustering import cluster, misclassified
 
     labels, preds = rep["labels"], rep["preds"]
-    spaces = {"GW": (pipeline.gw_gram(rep, labels), True) if rep["gw_kind"] == "kronecker" else (rep["gw"], False),
-              "P": (rep["p"], False), "FM": (rep["fm"], False)}
+    unit = pipeline.unit_rows
+    spaces = {"GW": (pipeline.unit_gram(pipeline.gw_gram(rep, labels)), True) if rep["gw_kind"] == "kronecker"
+              else (unit(rep["gw"]), False), "P": (unit(rep["p"]), False), "FM": (unit(rep["fm"]), False)}
     if rep["gw_kind"] == "kronecker":
-        spaces[CONTROL] = (pipeline.gw_gram(rep, preds), True)
+        spaces[CONTROL] = (pipeline.unit_gram(pipeline.gw_gram(rep, preds)), True)
     clusters = {}
     for space, (X, gram) in spaces.items():
-        result = cluster.cluster_and_score(X, labels, name=space, gram=gram, seed=seed)
+        result = cluster.cluster_and_score(X, labels, name=f"unit-length {space}", gram=gram, seed=seed)
         clusters[space] = {"description": result["description"], "clusterers": result["clusterers"],
                            "scores": result["scores"], "labels": {m: v.tolist() for m, v in result["labels"].items()},
                            "coords2d": np.asarray(result["Z"][:, :2]).round(6).tolist()}
@@ -256,7 +257,8 @@ def _samples_figure(res, base_spec, path, seed):
 
     ds, meta = _open_for(res, res["gradcam"]["data"], seed)
     labels = np.asarray(ds.labels)
-    indices = [int(i) for c in range(ds.num_classes) for i in np.flatnonzero(labels == c)[:6]]
+    indices = [int(i) for c in range(min(ds.num_classes, pipeline.FIGURE_CLASSES))
+               for i in np.flatnonzero(labels == c)[:6]]
     batch = ds.take(indices)
     return figures.image_grid(batch.images, batch.labels, meta["class_names"], path, per_class=6,
                               title=f"samples of {ds.spec}")

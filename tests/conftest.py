@@ -1,10 +1,12 @@
 """Shared fixtures: a tiny image folder and a checkpoint trained on it (small, fast on 2 CPU cores)."""
 import os
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
+from resnet_jax import models
 from resnet_jax.cli import main
 
 
@@ -53,3 +55,22 @@ def tiny_ckpt(tiny_folder, tmp_path_factory):
                                stem="small", image_size=24)
     train.fit(config, out, progress=False, log=lambda s: None)
     return out
+
+
+def random_variables(model, size, seed=0):
+    """Returns seeded random variables (He-scaled kernels, BatchNorm scale/var in [0.5, 1.5]) for `model`."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name, shape = jax.tree_util.keystr(path), leaf.shape
+        if "kernel" in name and len(shape) == 4:
+            value = rng.normal(size=shape) * np.sqrt(2.0 / (shape[0] * shape[1] * shape[3]))
+        elif "kernel" in name:
+            value = rng.normal(size=shape) / np.sqrt(shape[0])
+        elif "scale" in name or "var" in name:
+            value = rng.uniform(0.5, 1.5, size=shape)
+        else:
+            value = 0.1 * rng.normal(size=shape)
+        return np.asarray(value, np.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, models.variable_shapes(model, size))

@@ -104,6 +104,10 @@ def test_train_info_extract_gradcam_similarity(capsys, tiny_ckpt, tiny_folder, t
     sims = u @ u.T
     same = (labels[:, None] == labels[None]) & ~np.eye(len(labels), dtype=bool)
     assert rows[0]["Cos_Sim_P"] == pytest.approx(sims[same].mean(), rel=1e-6)
+    # Cos_Sim_GW (Kronecker identity, float64) against the extracted gradient rows themselves.
+    g = gw.astype(np.float64)
+    g /= np.linalg.norm(g, axis=1, keepdims=True)
+    assert rows[0]["Cos_Sim_GW"] == pytest.approx((g @ g.T)[same].mean(), rel=1e-4)
     # Mismatched stores and maps are refused.
     code, _, err = run_cli(["similarity", store, "--cams", cams, "--cams", cams], capsys)
     assert_one_line_error(code, err, "one per store")

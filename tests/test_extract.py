@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import random_variables
 from resnet_jax import checkpoint, data, extract, grads, models
 from resnet_jax.errors import UserError
 
@@ -18,24 +19,6 @@ C, SIZE, BS, LIMIT = 10, 72, 4, 10  # digits: 10 classes at 72 px; shards of 4, 
 def _float32_matmuls():
     with jax.default_matmul_precision("float32"):
         yield
-
-
-def random_variables(model, size, seed=0):
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        name, shape = jax.tree_util.keystr(path), leaf.shape
-        if "kernel" in name and len(shape) == 4:
-            value = rng.normal(size=shape) * np.sqrt(2.0 / (shape[0] * shape[1] * shape[3]))
-        elif "kernel" in name:
-            value = rng.normal(size=shape) / np.sqrt(shape[0])
-        elif "scale" in name or "var" in name:
-            value = rng.uniform(0.5, 1.5, size=shape)
-        else:
-            value = 0.1 * rng.normal(size=shape)
-        return np.asarray(value, np.float32)
-
-    return jax.tree_util.tree_map_with_path(draw, models.variable_shapes(model, size))
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import random_variables
 from resnet_jax import grads, models
 from resnet_jax.errors import UserError
 
@@ -37,24 +38,6 @@ K = 48
 def _float32_matmuls():
     with jax.default_matmul_precision("float32"):
         yield
-
-
-def random_variables(model, size, seed=0):
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        name, shape = jax.tree_util.keystr(path), leaf.shape
-        if "kernel" in name and len(shape) == 4:
-            value = rng.normal(size=shape) * np.sqrt(2.0 / (shape[0] * shape[1] * shape[3]))
-        elif "kernel" in name:
-            value = rng.normal(size=shape) / np.sqrt(shape[0])
-        elif "scale" in name or "var" in name:
-            value = rng.uniform(0.5, 1.5, size=shape)
-        else:
-            value = 0.1 * rng.normal(size=shape)
-        return np.asarray(value, np.float32)
-
-    return jax.tree_util.tree_map_with_path(draw, models.variable_shapes(model, size))
 
 
 MODEL = models.create("resnet18", num_classes=C)
