@@ -124,3 +124,30 @@ def test_train_resumes_and_refuses_other_runs(capsys, tiny_folder, tmp_path):
     assert checkpoint.latest_step(out) == 1
     code, _, err = run_cli(args + ["--epochs", "1", "--model", "resnet34"], capsys)
     assert_one_line_error(code, err, "resnet34")
+
+
+def test_curvature_reports_both_groups(capsys, tiny_ckpt, tiny_folder, tmp_path):
+    out = str(tmp_path / "curv.json")
+    code, text, err = run_cli(["curvature", "--ckpt", tiny_ckpt, "--data", f"folder:{tiny_folder}:all",
+                               "--limit", "12", "--iterations", "5", "--probes", "4", "--json", out], capsys)
+    assert code == 0, err
+    report = json.load(open(out))
+    groups = report["groups"]
+    assert groups["correct"]["count"] + groups["misclassified"]["count"] == 12
+    assert "correct" in text and "misclassified" in text
+    code, _, err = run_cli(["curvature", "--ckpt", tiny_ckpt, "--data", f"folder:{tiny_folder}:all", "--limit",
+                            "0"], capsys)
+    assert_one_line_error(code, err, "--limit")
+
+
+def test_aligned_training_runs_and_logs_its_terms(capsys, tiny_folder, tmp_path):
+    out = str(tmp_path / "aligned")
+    code, text, err = run_cli(["train", "--data", f"folder:{tiny_folder}", "--image-size", "24", "--stem", "small",
+                               "--batch-size", "8", "--epochs", "1", "--grad-align", "0.5", "--grad-mi", "0.1",
+                               "--out", out, "--quiet"], capsys)
+    assert code == 0, err
+    assert "l_grad" in text and "l_mi" in text
+    code, _, err = run_cli(["train", "--data", f"folder:{tiny_folder}", "--grad-align", "-1", "--out",
+                            str(tmp_path / "neg")], capsys)
+    assert_one_line_error(code, err, "--grad-align")
+    assert not (tmp_path / "neg").exists()
