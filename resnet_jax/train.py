@@ -148,7 +148,8 @@ def fit(config: TrainConfig, out_dir: str, progress: bool = True, log=print, eva
         else:  # class-balanced, so that every batch holds same-class pairs
             from .align import balanced_batches
             batches = (train_set.take(idx) for idx in balanced_batches(
-                train_set.labels, config.batch_size, config.per_class, seed=config.seed, epoch=epoch))
+                train_set.labels, config.batch_size, _images_per_class(config, train_set.num_classes),
+                seed=config.seed, epoch=epoch))
         bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
                    unit="batch", disable=not progress, leave=False)
         losses, accs, extras = [], [], {}
@@ -183,6 +184,16 @@ def fit(config: TrainConfig, out_dir: str, progress: bool = True, log=print, eva
     final = history[-1]["test_accuracy"] if history else float("nan")
     return {"test_accuracy": final, "epochs": config.epochs, "history": history,
             "seconds": time.perf_counter() - started, "test_split": test_set.spec}
+
+
+def _images_per_class(config: TrainConfig, num_classes: int) -> int:
+    """Returns images per class of a balanced batch: at least config.per_class, with as many classes
+    (at most num_classes) as divide the batch."""
+    for classes in range(min(num_classes, config.batch_size // config.per_class), 1, -1):
+        if config.batch_size % classes == 0:
+            return config.batch_size // classes
+    raise UserError(f"a batch of {config.batch_size} cannot hold {config.per_class} images of each of two "
+                    f"classes: raise --batch-size")
 
 
 def _initial_state(config, model, tx, meta, out_dir, image_size):

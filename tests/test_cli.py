@@ -104,10 +104,15 @@ def test_train_info_extract_gradcam_similarity(capsys, tiny_ckpt, tiny_folder, t
     sims = u @ u.T
     same = (labels[:, None] == labels[None]) & ~np.eye(len(labels), dtype=bool)
     assert rows[0]["Cos_Sim_P"] == pytest.approx(sims[same].mean(), rel=1e-6)
-    # Cos_Sim_GW (Kronecker identity, float64) against the extracted gradient rows themselves.
-    g = gw.astype(np.float64)
+    # Cos_Sim_GW (Kronecker identity) against explicit fc gradients [h (x) delta, delta] built in float64,
+    # which in turn match the extracted float32 rows.
+    logits = np.load(os.path.join(store, "logits.npy")).astype(np.float64)
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    delta = e / e.sum(axis=1, keepdims=True) - np.eye(3)[labels]
+    g = np.concatenate([np.einsum("nd,nc->ndc", fm.astype(np.float64), delta).reshape(30, -1), delta], axis=1)
+    np.testing.assert_allclose(gw, g, atol=1e-4 * np.abs(g).max())
     g /= np.linalg.norm(g, axis=1, keepdims=True)
-    assert rows[0]["Cos_Sim_GW"] == pytest.approx((g @ g.T)[same].mean(), rel=1e-4)
+    assert rows[0]["Cos_Sim_GW"] == pytest.approx((g @ g.T)[same].mean(), rel=1e-6)
     # Mismatched stores and maps are refused.
     code, _, err = run_cli(["similarity", store, "--cams", cams, "--cams", cams], capsys)
     assert_one_line_error(code, err, "one per store")
@@ -143,7 +148,8 @@ def test_curvature_reports_both_groups(capsys, tiny_ckpt, tiny_folder, tmp_path)
 def test_aligned_training_runs_and_logs_its_terms(capsys, tiny_folder, tmp_path):
     out = str(tmp_path / "aligned")
     code, text, err = run_cli(["train", "--data", f"folder:{tiny_folder}", "--image-size", "24", "--stem", "small",
-                               "--batch-size", "8", "--epochs", "1", "--grad-align", "0.5", "--grad-mi", "0.1",
+                               "--batch-size", "8", "--epochs", "1", "--learning-rate", "1e-4", "--grad-align", "0.5",
+                               "--grad-mi", "0.1",
                                "--out", out, "--quiet"], capsys)
     assert code == 0, err
     assert "l_grad" in text and "l_mi" in text
