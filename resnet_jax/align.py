@@ -33,7 +33,7 @@ Second order (`second_order=`)
 L_grad (cosine alignment)
     Pairs P = {(i, j): i < j, y_i = y_j} of the batch (a label mask; no data-dependent shapes).
     L_grad = mean over P of (1 - cos(g_i, g_j)), with cos = <g_i, g_j> / (|g_i| |g_j|) computed on
-    u_n = g_n / sqrt(max(|g_n|^2, 1e-30)) (a zero gradient has cosine 0 with everything, and the
+    u_n = g_n / sqrt(max(|g_n|^2, 1e-12)) (a zero gradient has cosine 0 with everything, and the
     derivative stays finite). A batch without a same-class pair gives L_grad = 0 and
     aux["n_pairs"] = 0 (nothing is divided by zero); `balanced_batches` makes batches that have pairs.
 
@@ -85,7 +85,7 @@ from .errors import UserError
 from .grads import model_key
 
 SECOND_ORDER = ("forward", "reverse")
-_TINY_NORM2 = 1e-30      # floor of a squared gradient norm in the cosine
+_TINY_NORM2 = 1e-12      # floor of a squared gradient norm in the cosine (bounds 1/|g| in double backprop)
 _SCALE_FLOOR = 1e-12     # floor of the shrinkage target's per-dimension variance
 
 
