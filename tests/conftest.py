@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny image folder and a checkpoint trained on it (small, fast on 2 CPU cores)."""
+import contextlib
 import os
 
 import jax
@@ -74,3 +75,14 @@ def random_variables(model, size, seed=0):
         return np.asarray(value, np.float32)
 
     return jax.tree_util.tree_map_with_path(draw, models.variable_shapes(model, size))
+
+
+@contextlib.contextmanager
+def float64():
+    """Enables jax float64 inside the block, restoring the previous setting afterwards."""
+    old = jax.dtypes.canonicalize_dtype(np.float64) == np.dtype(np.float64)
+    jax.config.update("jax_enable_x64", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_x64", old)

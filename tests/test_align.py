@@ -17,6 +17,7 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import float64
 from resnet_jax import align, models, train
 from resnet_jax.errors import UserError
 
@@ -49,12 +50,8 @@ class Linear(nn.Module):
 
 @pytest.fixture
 def x64():
-    old = jax.dtypes.canonicalize_dtype(np.float64) == np.dtype(np.float64)
-    jax.config.update("jax_enable_x64", True)
-    try:
+    with float64():
         yield
-    finally:
-        jax.config.update("jax_enable_x64", old)
 
 
 def linear_setup(num_classes, n, size=4, seed=0):

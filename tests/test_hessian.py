@@ -22,6 +22,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 from jax.tree_util import Partial
 
+from conftest import float64
 from resnet_jax import hessian, models
 from resnet_jax.errors import UserError
 
@@ -46,12 +47,8 @@ class Tiny(nn.Module):
 @pytest.fixture(scope="module", autouse=True)
 def x64():
     """float64 for the whole module (explicit Hessians to 1e-9), restored afterwards."""
-    old = jax.dtypes.canonicalize_dtype(np.float64) == np.dtype(np.float64)
-    jax.config.update("jax_enable_x64", True)
-    try:
+    with float64():
         yield
-    finally:
-        jax.config.update("jax_enable_x64", old)
 
 
 @functools.lru_cache(maxsize=None)
