@@ -75,6 +75,7 @@ def run(models: list[str], data_spec: str = "digits", ckpts: dict | None = None,
               "epochs": {m: epochs[m] for m in models if m not in ckpts},
               "batch_size_and_learning_rate": {m: list(DEFAULT_TRAINING[m][1:]) for m in models if m not in ckpts},
               "checkpoints": {m: os.path.abspath(p) for m, p in ckpts.items()}}
+    _check_heldout(base_spec, limit, seed)
     _prepare_out_dir(out_dir, config, force)
     started = time.perf_counter()
     results = {"config": config, "models": {}, "timings": {}}
@@ -92,6 +93,24 @@ def run(models: list[str], data_spec: str = "digits", ckpts: dict | None = None,
     results["timings"]["total_seconds"] = round(time.perf_counter() - started, 1)
     pipeline.write_json(os.path.join(out_dir, "results.json"), results)
     return results
+
+
+def _check_heldout(base_spec: str, limit: int | None, seed: int) -> None:
+    """Refuses held-out data that cannot be clustered into its classes: fewer images than classes, or
+    a class without images."""
+    from . import data
+
+    ds = data.load(base_spec, default_split="test", seed=seed)
+    labels = np.asarray(ds.labels[:limit] if limit is not None else ds.labels)
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be at least 1, got {limit}")
+    if len(labels) < ds.num_classes:
+        raise UserError(f"{len(labels)} held-out images for {ds.num_classes} classes: clustering needs at least "
+                        f"one image per class; raise --limit")
+    missing = sorted(set(range(ds.num_classes)) - set(labels.tolist()))
+    if missing:
+        raise UserError(f"class {ds.class_names[missing[0]]!r} has no held-out image in {ds.spec}"
+                        f"{'' if limit is None else f' (first {limit})'}: raise --limit or add images of it")
 
 
 def _prepare_out_dir(out_dir: str, config: dict, force: bool) -> None:

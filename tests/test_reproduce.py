@@ -64,3 +64,12 @@ def test_unknown_model_in_list(capsys, tmp_path):
     code, _, err = run_cli(["reproduce", "--models", "resnet18,resnet99", "--out", str(tmp_path / "r")], capsys)
     assert code == 2 and "resnet99" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_fewer_images_than_classes(capsys, tmp_path):
+    code, _, err = run_cli(["reproduce", "--quick", "--limit", "5", "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and "5 held-out images for 10 classes" in err
+    assert not (tmp_path / "r").exists()
+    code, _, err = run_cli(["reproduce", "--quick", "--limit", "12", "--out", str(tmp_path / "r")], capsys)
+    assert code == 2 and "has no held-out image" in err
+    assert not (tmp_path / "r").exists()
