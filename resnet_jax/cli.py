@@ -271,10 +271,10 @@ def curvature(ckpt_dir, data_spec, limit, param_subset, iterations, probes, seed
     _setup_jax()
     import numpy as np
 
-    from . import checkpoint, hessian
+    from . import checkpoint, data, hessian
 
     ckpt = checkpoint.load(ckpt_dir)
-    ds = pipeline().open_dataset(data_spec, ckpt.meta, seed=seed)
+    ds = data.load_for_checkpoint(data_spec, ckpt.meta, seed=seed)
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be at least 1, got {limit}")
     batch = ds.take(np.arange(min(len(ds), limit or len(ds))))

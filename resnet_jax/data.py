@@ -263,6 +263,23 @@ def load(spec: str, *, split: str | None = None, image_size: int | None = None, 
                    _source=source)
 
 
+def load_for_checkpoint(spec: str, meta: dict, *, split: str | None = None, default_split: str = "test",
+                        seed: int = 0) -> Dataset:
+    """Returns the data set fed as a checkpoint expects (its input size and normalisation).
+
+    `meta` is the checkpoint metadata. Raises UserError when the data's classes differ in number
+    from the model's, or when the split holds no images.
+    """
+    ds = load(spec, split=split, image_size=meta["image_size"], normalization=meta.get("normalization", "none"),
+              default_split=default_split, seed=seed)
+    if ds.num_classes != meta["num_classes"]:
+        raise UserError(f"{ds.spec} has {ds.num_classes} classes but the checkpoint's model has "
+                        f"{meta['num_classes']}: pass data with the checkpoint's classes")
+    if len(ds) == 0:
+        raise UserError(f"{ds.spec} holds no images: pass a data spec with images")
+    return ds
+
+
 def _choose_split(requested: str | None, default: str, available: Sequence[str], what: str) -> str:
     if requested is not None:
         if requested not in available:

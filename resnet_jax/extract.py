@@ -109,18 +109,16 @@ def _check_args(grad_params, label_source, project_dim, batch_size, limit, proce
         raise UserError(f"empty gradient parameter subset {grad_params!r}: pass fc, layer4, all or a glob")
 
 
-def _open_data(data_spec, split, meta):
+def _open_data(data_spec, split, meta, data_seed):
     if hasattr(data_spec, "batches") and hasattr(data_spec, "ids"):
-        ds = data_spec  # an already loaded Dataset
-    else:
-        from . import data
+        n_classes = getattr(data_spec, "num_classes", meta["num_classes"])
+        if n_classes != meta["num_classes"]:
+            raise UserError(f"{data_spec.spec} has {n_classes} classes but the checkpoint's model has "
+                            f"{meta['num_classes']}: pass data with the checkpoint's classes")
+        return data_spec  # an already loaded Dataset
+    from . import data
 
-        ds = data.load(data_spec, split=split, image_size=meta["image_size"],
-                       normalization=meta.get("normalization", "none"), default_split="test")
-    if getattr(ds, "num_classes", meta["num_classes"]) != meta["num_classes"]:
-        raise UserError(f"{ds.spec} has {ds.num_classes} classes but the checkpoint's model has "
-                        f"{meta['num_classes']}: pass data with the checkpoint's classes")
-    return ds
+    return data.load_for_checkpoint(data_spec, meta, split=split, seed=data_seed)
 
 
 def _first_difference(old: dict, new: dict) -> str | None:
@@ -147,12 +145,13 @@ def run_extract(ckpt_dir: str, data_spec, out_dir: str, grad_params: str = "fc",
                 progress: bool = True, *, force: bool = False, split: str | None = None,
                 process: tuple[int, int] | None = None, projection: str = "rademacher",
                 max_grad_floats: int | None = None, method: str = "auto", stop_after_shards: int | None = None,
-                log=print) -> dict:
+                data_seed: int = 0, log=print) -> dict:
     """Extracts into the store `out_dir` (see the module docstring) and returns its manifest.
 
     `data_spec` is a data spec ("digits:test", "folder:PATH", "tfds:NAME:SPLIT") or a loaded
     `data.Dataset`. `process=(index, count)` extracts only that process's slice (multi-host).
-    `stop_after_shards` (tests) stops with an exception after writing that many shards.
+    `stop_after_shards` (tests) stops with an exception after writing that many shards. `data_seed`
+    is the seed of seeded sources (digits placement and noise); `seed` is the projection's.
     """
     from . import checkpoint, grads, models
 
@@ -160,7 +159,7 @@ def run_extract(ckpt_dir: str, data_spec, out_dir: str, grad_params: str = "fc",
     batch_size = int(batch_size)
     ckpt = checkpoint.load(ckpt_dir)
     meta = ckpt.meta
-    ds = _open_data(data_spec, split, meta)
+    ds = _open_data(data_spec, split, meta, data_seed)
     model = models.create(meta["model"], meta["num_classes"], meta.get("stem", "standard"))
     lay = grads.layout(ckpt.variables["params"], grad_params)
 
@@ -188,6 +187,7 @@ def run_extract(ckpt_dir: str, data_spec, out_dir: str, grad_params: str = "fc",
         "image_size": int(meta["image_size"]), "normalization": meta.get("normalization", "none"),
         "checkpoint": os.path.abspath(ckpt_dir), "checkpoint_step": int(ckpt.step),
         "data": str(getattr(ds, "spec", data_spec)), "split": getattr(ds, "split", split),
+        "data_seed": int(data_seed),
         "grad_params": grad_params, "label_source": label_source,
         "projection": None if proj is None else proj.to_json(),
         "limit": None if limit is None else int(limit), "batch_size": batch_size,

@@ -91,20 +91,6 @@ def replace_dir(tmp_dir: str, out_dir: str) -> None:
 
 # ----------------------------------------------------------------------------- Grad-CAM
 
-def open_dataset(data_spec: str, meta: dict, default_split: str = "test", seed: int = 0):
-    """Returns the data set fed as the checkpoint expects (size, normalisation), checking its classes."""
-    from . import data
-
-    ds = data.load(data_spec, image_size=meta["image_size"], normalization=meta.get("normalization", "none"),
-                   default_split=default_split, seed=seed)
-    if ds.num_classes != meta["num_classes"]:
-        raise UserError(f"{ds.spec} has {ds.num_classes} classes but the checkpoint's model has "
-                        f"{meta['num_classes']}: pass data with the checkpoint's classes")
-    if len(ds) == 0:
-        raise UserError(f"{ds.spec} holds no images: pass a data spec with images")
-    return ds
-
-
 def run_gradcam(ckpt_dir: str, data_spec: str, out_dir: str, layer: str = "layer4", method: str = "gradcam",
                 target: str = "true", limit: int | None = None, batch_size: int = 64, max_pairs: int = 2000,
                 per_class: int = 4, seed: int = 0, progress: bool = True) -> dict:
@@ -119,13 +105,13 @@ def run_gradcam(ckpt_dir: str, data_spec: str, out_dir: str, layer: str = "layer
     from clustering import figures
     from metrics import agreement
 
-    from . import checkpoint, gradcam
+    from . import checkpoint, data, gradcam
 
     if target not in gradcam.TARGETS:
         raise UserError(f"unknown target {target!r}: choose one of {', '.join(gradcam.TARGETS)}")
     _check_out_dir(out_dir, GRADCAM_FORMAT)
     ckpt = checkpoint.load(ckpt_dir)
-    ds = open_dataset(data_spec, ckpt.meta, seed=seed)
+    ds = data.load_for_checkpoint(data_spec, ckpt.meta, seed=seed)
     model = ckpt.model
     n = len(ds) if limit is None else min(len(ds), int(limit))
     if n < 1:

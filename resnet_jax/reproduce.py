@@ -151,7 +151,8 @@ def _run_model(name, arch, base_spec, ckpt_dir, epochs, out_dir, limit, seed, gr
 
     t = time.perf_counter()
     store_dir = os.path.join(run_dir, "store")
-    extract.run_extract(ckpt_dir, base_spec, store_dir, limit=limit, progress=progress, log=lambda s: log("  " + s))
+    extract.run_extract(ckpt_dir, base_spec, store_dir, limit=limit, data_seed=seed, progress=progress,
+                        log=lambda s: log("  " + s))
     timings["extract"] = round(time.perf_counter() - t, 1)
 
     t = time.perf_counter()
@@ -256,10 +257,10 @@ def _figures_and_tables(results: dict, out_dir: str, base_spec: str, seed: int, 
 
 
 def _open_for(res: dict, base_spec: str, seed: int):
-    from . import checkpoint
+    from . import checkpoint, data
 
     meta = checkpoint.load_meta(res["checkpoint"])
-    return pipeline.open_dataset(base_spec, meta, seed=seed), meta
+    return data.load_for_checkpoint(base_spec, meta, seed=seed), meta
 
 
 def _wrong_figure(res, indices, path, seed):
