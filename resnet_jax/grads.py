@@ -36,7 +36,8 @@ Methods (`method=`)
               gradient convolution. With a projection the per-example gradient is never formed.
               Finiteness is checked on x and g (and the logits and images), not on the B x D rows.
     "auto"    closed for fc-only subsets, else taps when every selected leaf belongs to a supported
-              module (2-D Conv without groups/mask, Dense, BatchNorm on the last axis), else vmap.
+              module (2-D Conv without groups/mask, models.PointwiseConv, Dense, BatchNorm on the last axis),
+              else vmap.
 
 Random projection (`project_dim=k`, `seed`, `projection="rademacher"|"gaussian"`, `kron=(k1, k2)`)
     gw_n = sum over selected leaves l of vec(g_{n,l}) @ R_l, with R_l a (D_l, k) matrix that depends
@@ -424,6 +425,8 @@ def _conv_conf(m: nn.Conv, nd: int):
 
 
 def _tap_of(module, x):
+    if type(module) is models.PointwiseConv:
+        return ("conv", ((1, 1), (module.strides,) * 2, "VALID", (1, 1), False))
     if type(module) is nn.Conv:
         conf = _conv_conf(module, x.ndim - 2)
         return None if conf is None else ("conv", conf)

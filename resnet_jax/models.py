@@ -29,6 +29,36 @@ STEMS = ("standard", "small")
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
+class PointwiseConv(nn.Module):
+    """A bias-free 1x1 convolution (VALID padding) computed as a matrix product.
+
+    Same parameter as `nn.Conv` (`kernel` (1, 1, Cin, Cout)) and the same result; XLA:CPU runs
+    the matrix product 2-4x faster than a 1x1 convolution, its weight gradient most of all.
+    """
+
+    features: int
+    strides: int = 1
+    dtype: Any = jnp.float32
+    kernel_init: Callable = conv_init
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features), jnp.float32)
+        if self.strides > 1:
+            x = x[:, ::self.strides, ::self.strides]
+        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+        return jax.lax.dot_general(x, kernel[0, 0], (((x.ndim - 1,), (0,)), ((), ())))
+
+
+def make_conv(features: int, kernel_size, strides=(1, 1), padding="VALID", *, name=None, dtype=jnp.float32,
+              kernel_init=conv_init) -> nn.Module:
+    """Returns a bias-free convolution module: `PointwiseConv` for 1x1 VALID kernels, else `nn.Conv`."""
+    if tuple(kernel_size) == (1, 1) and padding == "VALID" and strides[0] == strides[1]:
+        return PointwiseConv(features, strides[0], dtype=dtype, kernel_init=kernel_init, name=name)
+    return nn.Conv(features, kernel_size, strides, padding=padding, use_bias=False, dtype=dtype,
+                   kernel_init=kernel_init, name=name)
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions with an identity (or 1x1 projection) shortcut."""
 
@@ -94,7 +124,7 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv = partial(nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=conv_init)
+        conv = partial(make_conv, dtype=self.dtype)
         norm = partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
                        dtype=self.dtype)
         x = jnp.asarray(x, self.dtype)

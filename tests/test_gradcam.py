@@ -185,19 +185,36 @@ def test_layer4_closed_form(setup):
 
 
 def test_backward_stops_at_the_layer(setup):
-    """No gradient below the layer or for any parameter: for layer4 the Grad-CAM program has
-    exactly the forward's 20 convolutions; for layer3 5 more (data gradients through layer4's
-    5 convolutions; weight gradients would add 5 again)."""
+    """No gradient below the layer or for any parameter. ResNet-18 has 17 convolutions plus 3
+    pointwise (1x1, matrix product) downsample convolutions and fc. For layer4 the Grad-CAM
+    program has exactly the forward's 17 convolutions; for layer3 4 more (data gradients through
+    layer4's 3x3 convolutions; weight gradients would add 4 again). No matrix product anywhere
+    yields a kernel-shaped (Cin, Cout) or (Cout, Cin) array, which a weight gradient of a 1x1 convolution or of
+    fc would."""
     model, variables, images, targets = setup
     forward = jax.jit(lambda v, x: model.apply(v, x, train=False)[0]).lower(variables, images).as_text()
 
     def convs(text):
         return len(re.findall(r"stablehlo\.convolution", text))
 
+    def dot_results(text):
+        return re.findall(r"stablehlo\.dot_general.*-> tensor<([0-9x]+)xf32>", text)
+
+    kernel_shapes = {"x".join(map(str, shape)) for path, leaf in
+                     jax.tree_util.tree_flatten_with_path(variables["params"])[0]
+                     if path[-1].key == "kernel" and (leaf.ndim == 2 or leaf.shape[:2] == (1, 1))
+                     for shape in (leaf.shape[-2:], leaf.shape[:-3:-1])}  # either orientation
+    assert f"512x{C}" in kernel_shapes and "256x512" in kernel_shapes
     t = jnp.asarray(targets)
-    assert convs(forward) == 20
-    assert convs(gc._compiled(model, "layer4", "gradcam").lower(variables, images, t).as_text()) == 20
-    assert convs(gc._compiled(model, "layer3", "gradcam").lower(variables, images, t).as_text()) == 25
+    layer4 = gc._compiled(model, "layer4", "gradcam").lower(variables, images, t).as_text()
+    layer3 = gc._compiled(model, "layer3", "gradcam").lower(variables, images, t).as_text()
+    assert convs(forward) == 17 and len(dot_results(forward)) == 4
+    assert convs(layer4) == 17
+    assert convs(layer3) == 21
+    for text in (forward, layer4, layer3):
+        assert not kernel_shapes & set(dot_results(text))
+    # layer3 adds one matrix product: the data gradient through layer4's downsample.
+    assert len(dot_results(layer3)) == len(dot_results(layer4)) + 1
 
 
 # ----------------------------------------------------------------------------- targets, degenerate maps

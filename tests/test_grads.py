@@ -173,6 +173,14 @@ def test_conv_and_batchnorm_subset_taps_vmap_loop():
         assert rel(taps["gw"][:, a:b], loop[:, a:b]) < 1e-5
 
 
+def test_strided_pointwise_conv_taps():
+    """The 1x1 stride-2 downsample (a models.PointwiseConv) on the taps path, forced, against the loop."""
+    paths = ["layer2_0/downsample_conv/kernel"]
+    taps = grads.compute(MODEL, VARIABLES, IMAGES, LABELS, params=paths[0], method="taps")
+    assert taps["gw"].shape == (B, 64 * 128)
+    assert rel(taps["gw"], loop_rows(paths, LABELS)) < 1e-5
+
+
 def test_predicted_labels():
     closed = run("fc")
     wrong = (closed["preds"] + 1) % C  # true labels that differ from every prediction
