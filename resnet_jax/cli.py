@@ -58,6 +58,8 @@ def models_cmd(num_classes):
               help="Data spec: digits, folder:PATH or tfds:NAME, each with an optional :SPLIT (default: train).")
 @click.option("--epochs", default=6, show_default=True, help="Passes over the training split.")
 @click.option("--batch-size", default=64, show_default=True)
+@click.option("--images-per-epoch", type=int, default=None,
+              help="Train each epoch on this many images of its shuffle (default: the whole training split).")
 @click.option("--learning-rate", default=2e-3, show_default=True, help="Peak AdamW learning rate (cosine decay).")
 @click.option("--weight-decay", default=5e-4, show_default=True)
 @click.option("--stem", type=click.Choice(["standard", "small"]), default="standard", show_default=True,
@@ -70,14 +72,14 @@ def models_cmd(num_classes):
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", "out_dir", required=True, help="Checkpoint directory; training resumes from it.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def train(model, data_spec, epochs, batch_size, learning_rate, weight_decay, stem, image_size, augment_shift,
+def train(model, data_spec, epochs, batch_size, images_per_epoch, learning_rate, weight_decay, stem, image_size, augment_shift,
           grad_align, grad_mi, seed, out_dir, quiet):
     """Train a ResNet, report held-out accuracy each epoch, checkpoint each epoch (resumable)."""
     _setup_jax()
     from . import train as training
 
     config = training.TrainConfig(model=model, data=data_spec, epochs=epochs, batch_size=batch_size,
-                                  learning_rate=learning_rate, weight_decay=weight_decay, stem=stem,
+                                  images_per_epoch=images_per_epoch, learning_rate=learning_rate, weight_decay=weight_decay, stem=stem,
                                   image_size=image_size, seed=seed, augment_shift=augment_shift,
                                   grad_align=grad_align, grad_mi=grad_mi)
     result = training.fit(config, out_dir, progress=not quiet, log=click.echo)

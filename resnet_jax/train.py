@@ -2,10 +2,12 @@
 
 `fit` trains a ResNet on a data spec, reports held-out accuracy after every epoch, writes an
 Orbax checkpoint per epoch (params, batch statistics, optimiser state, metadata) and resumes
-from the latest one when run again with the same directory.
+from the latest one when run again with the same directory. An epoch is a pass over the
+training split, or over the first `images_per_epoch` images of its per-epoch shuffle.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -34,6 +36,7 @@ class TrainConfig:
     stem: str = "standard"
     image_size: int | None = None
     seed: int = 0
+    images_per_epoch: int | None = None
     augment_shift: int = 0
     grad_align: float = 0.0
     grad_mi: float = 0.0
@@ -117,6 +120,9 @@ def fit(config: TrainConfig, out_dir: str, progress: bool = True, log=print, eva
     for name, value in (("epochs", config.epochs), ("batch_size", config.batch_size)):
         if value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if config.images_per_epoch is not None and config.images_per_epoch < config.batch_size:
+        raise UserError(f"--images-per-epoch must be at least the batch size ({config.batch_size}), "
+                        f"got {config.images_per_epoch}")
     if config.grad_align < 0 or config.grad_mi < 0:
         raise UserError("--grad-align and --grad-mi must be >= 0")
     kind, arg, _ = data.parse_spec(config.data)
@@ -126,7 +132,7 @@ def fit(config: TrainConfig, out_dir: str, progress: bool = True, log=print, eva
     test_set = data.load(kind if arg is None else f"{kind}:{arg}", image_size=train_set.image_size,
                          normalization=normalization, default_split="test", seed=config.seed)
     model = models.create(config.model, train_set.num_classes, config.stem)
-    steps_per_epoch = max(1, len(train_set) // config.batch_size)
+    steps_per_epoch = max(1, min(len(train_set), config.images_per_epoch or len(train_set)) // config.batch_size)
     tx = make_optimizer(config, steps_per_epoch)
     meta = checkpoint.make_meta(config.model, train_set.num_classes, train_set.class_names, config.stem,
                                 train_set.image_size, normalization, data=train_set.spec,
@@ -150,7 +156,7 @@ def fit(config: TrainConfig, out_dir: str, progress: bool = True, log=print, eva
             batches = (train_set.take(idx) for idx in balanced_batches(
                 train_set.labels, config.batch_size, _images_per_class(config, train_set.num_classes),
                 seed=config.seed, epoch=epoch))
-        bar = tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
+        bar = tqdm(itertools.islice(batches, steps_per_epoch), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
                    unit="batch", disable=not progress, leave=False)
         losses, accs, extras = [], [], {}
         for i, batch in enumerate(bar):

@@ -131,6 +131,28 @@ def test_train_resumes_and_refuses_other_runs(capsys, tiny_folder, tmp_path):
     assert_one_line_error(code, err, "resnet34")
 
 
+def test_images_per_epoch_limits_the_steps(capsys, tiny_folder, tmp_path):
+    """Two epochs of one 8-image batch each: the optimiser's step counters read 2 (a full epoch of
+    the ~24 training images would be 3 steps)."""
+    import jax
+
+    from resnet_jax import checkpoint, models, train
+
+    out = str(tmp_path / "run")
+    args = ["train", "--data", f"folder:{tiny_folder}", "--image-size", "24", "--stem", "small", "--batch-size",
+            "8", "--quiet", "--epochs", "2"]
+    code, _, err = run_cli(args + ["--out", out, "--images-per-epoch", "8"], capsys)
+    assert code == 0, err
+    tx = train.make_optimizer(train.TrainConfig(), 1)
+    abstract = jax.eval_shape(tx.init, models.variable_shapes(models.create("resnet18", 3, "small"), 24)["params"])
+    counts = [int(c) for c in jax.tree_util.tree_leaves(checkpoint.load(out, opt_state_target=abstract).opt_state)
+              if c.ndim == 0]
+    assert counts and all(c == 2 for c in counts)
+    code, _, err = run_cli(args + ["--out", str(tmp_path / "small"), "--images-per-epoch", "4"], capsys)
+    assert_one_line_error(code, err, "--images-per-epoch")
+    assert not (tmp_path / "small").exists()
+
+
 def test_curvature_reports_both_groups(capsys, tiny_ckpt, tiny_folder, tmp_path):
     out = str(tmp_path / "curv.json")
     code, text, err = run_cli(["curvature", "--ckpt", tiny_ckpt, "--data", f"folder:{tiny_folder}:all",
