@@ -72,15 +72,16 @@ def models_cmd(num_classes):
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", "out_dir", required=True, help="Checkpoint directory; training resumes from it.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def train(model, data_spec, epochs, batch_size, images_per_epoch, learning_rate, weight_decay, stem, image_size, augment_shift,
-          grad_align, grad_mi, seed, out_dir, quiet):
+def train(model, data_spec, epochs, batch_size, images_per_epoch, learning_rate, weight_decay, stem, image_size,
+          augment_shift, grad_align, grad_mi, seed, out_dir, quiet):
     """Train a ResNet, report held-out accuracy each epoch, checkpoint each epoch (resumable)."""
     _setup_jax()
     from . import train as training
 
     config = training.TrainConfig(model=model, data=data_spec, epochs=epochs, batch_size=batch_size,
-                                  images_per_epoch=images_per_epoch, learning_rate=learning_rate, weight_decay=weight_decay, stem=stem,
-                                  image_size=image_size, seed=seed, augment_shift=augment_shift,
+                                  images_per_epoch=images_per_epoch, learning_rate=learning_rate,
+                                  weight_decay=weight_decay, stem=stem, image_size=image_size, seed=seed,
+                                  augment_shift=augment_shift,
                                   grad_align=grad_align, grad_mi=grad_mi)
     result = training.fit(config, out_dir, progress=not quiet, log=click.echo)
     click.echo(f"test accuracy {result['test_accuracy']:.4f} on {result['test_split']} after {len(result['history'])} "

@@ -57,7 +57,7 @@ DEGENERATE_RTOL = 1e-5
 
 
 class CamOutputs(NamedTuple):
-    """What `gradcam_with_outputs` returns (all jax arrays, N = batch size)."""
+    """What `gradcam_with_outputs` returns (N = batch size; cams and degenerate numpy, the rest jax arrays)."""
 
     cams: Any        # (N, H, W) float32 in [0, 1], min-max scaled; all zeros where degenerate
     degenerate: Any  # (N,) bool: the map was constant (or non-finite) before scaling
@@ -126,21 +126,29 @@ def _gradcampp_weights(acts, grads):
 
 
 def _min_max(maps):
-    """Per-map min-max scaling of (N, H, W) to [0, 1]; returns (scaled, degenerate)."""
-    lo = jnp.min(maps, axis=(1, 2))
-    hi = jnp.max(maps, axis=(1, 2))
-    span = hi - lo
-    scale = jnp.maximum(jnp.abs(hi), jnp.abs(lo))
-    # `not (span > tol)` is also True for NaN/inf maps, which are then flagged and zeroed.
-    degenerate = ~(span > DEGENERATE_RTOL * scale)
-    safe = jnp.where(degenerate, 1.0, span)
-    scaled = (maps - lo[:, None, None]) / safe[:, None, None]
-    scaled = jnp.where(degenerate[:, None, None], 0.0, jnp.clip(scaled, 0.0, 1.0))
+    """Per-map min-max scaling of (N, H, W) to [0, 1] in numpy; returns (scaled float32, degenerate (N,)).
+
+    Done on the host: inside a compiled program XLA may recompute the maps separately for the
+    reductions and for the scaling, with other rounding, and the maximum would not always scale
+    to exactly 1.
+    """
+    maps = np.asarray(maps, np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        lo = maps.min(axis=(1, 2))
+        hi = maps.max(axis=(1, 2))
+        span = hi - lo
+        scale = np.maximum(np.abs(hi), np.abs(lo))
+        # `not (span > tol)` is also True for NaN/inf maps, which are then flagged and zeroed.
+        degenerate = ~(span > DEGENERATE_RTOL * scale)
+        safe = np.where(degenerate, np.float32(1), span)
+        scaled = (maps - lo[:, None, None]) / safe[:, None, None]
+    scaled = np.where(degenerate[:, None, None], np.float32(0), np.clip(scaled, 0, 1)).astype(np.float32)
     return scaled, degenerate
 
 
-def _cam_outputs(model, layer: str, method: str, variables, images, targets) -> CamOutputs:
-    """The traced computation (jit it with model, layer and method fixed)."""
+def _cam_outputs(model, layer: str, method: str, variables, images, targets):
+    """The traced computation (jit it with model, layer and method fixed); returns (maps upsampled to
+    the input size (N, H, W), unscaled; logits; targets; weights; raw)."""
     base = {k: v for k, v in variables.items() if k != "perturbations"}
     # Once a `perturbations` collection is present, every `Module.perturb` call needs its entry:
     # the other stages get constant zeros (XLA folds the additions away), only `layer`'s entry is
@@ -174,8 +182,7 @@ def _cam_outputs(model, layer: str, method: str, variables, images, targets) -> 
     raw = jax.nn.relu(jnp.einsum("nhwk,nk->nhw", acts, weights, precision=jax.lax.Precision.HIGHEST))
     n, height, width = images.shape[0], images.shape[1], images.shape[2]
     up = jax.image.resize(raw, (n, height, width), method="bilinear")
-    cams, degenerate = _min_max(up)
-    return CamOutputs(cams, degenerate, logits, targets, weights, raw)
+    return up, logits, targets, weights, raw
 
 
 # Compiled functions per (model, layer, method). Flax modules with list attributes (our
@@ -211,7 +218,10 @@ def gradcam_with_outputs(model, variables, images, targets=None, layer: str = "l
         targets = np.full((images.shape[0],), -1, np.int32)
     else:
         targets = _check_targets(targets, images.shape[0], model.num_classes)
-    return _compiled(model, layer, method)(variables, jnp.asarray(images), jnp.asarray(targets))
+    up, logits, targets, weights, raw = _compiled(model, layer, method)(variables, jnp.asarray(images),
+                                                                       jnp.asarray(targets))
+    cams, degenerate = _min_max(up)
+    return CamOutputs(cams, degenerate, logits, targets, weights, raw)
 
 
 def gradcam(model, variables, images, targets=None, layer: str = "layer4", method: str = "gradcam"):

@@ -109,11 +109,11 @@ def random_shift(images, rng, max_shift: int):
     return jax.vmap(crop)(padded, offsets)
 
 
-def fit(config: TrainConfig, out_dir: str, progress: bool = True, log=print, eval_every_epoch: bool = True) -> dict:
+def fit(config: TrainConfig, out_dir: str, progress: bool = True, log=print, held_out: bool = True) -> dict:
     """Trains (or resumes) a model; returns {"test_accuracy", "epochs", "seconds", "history"}.
 
-    Held-out accuracy is measured after every epoch, or with `eval_every_epoch=False` only after
-    the last one (None in the other epochs' records).
+    Held-out accuracy is measured after every epoch; `held_out=False` skips it (None in the
+    records), for callers that run the held-out split through the model themselves.
     """
     from tqdm.auto import tqdm
 
@@ -156,8 +156,8 @@ def fit(config: TrainConfig, out_dir: str, progress: bool = True, log=print, eva
             batches = (train_set.take(idx) for idx in balanced_batches(
                 train_set.labels, config.batch_size, _images_per_class(config, train_set.num_classes),
                 seed=config.seed, epoch=epoch))
-        bar = tqdm(itertools.islice(batches, steps_per_epoch), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
-                   unit="batch", disable=not progress, leave=False)
+        bar = tqdm(itertools.islice(batches, steps_per_epoch), total=steps_per_epoch,
+                   desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", disable=not progress, leave=False)
         losses, accs, extras = [], [], {}
         for i, batch in enumerate(bar):
             step_rng = jax.random.fold_in(epoch_rng, i)
@@ -175,8 +175,7 @@ def fit(config: TrainConfig, out_dir: str, progress: bool = True, log=print, eva
                     extras.setdefault(key, []).append(float(metrics[key]))
             bar.set_postfix(loss=f"{loss:.3f}")
         variables = {"params": params, "batch_stats": batch_stats}
-        last = epoch + 1 == config.epochs
-        test_acc = evaluate(model, variables, test_set) if eval_every_epoch or last else None
+        test_acc = evaluate(model, variables, test_set) if held_out else None
         record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "train_accuracy": float(np.mean(accs)),
                   "test_accuracy": test_acc, "seconds": round(time.perf_counter() - started, 1),
                   **{f"train_{k}": float(np.mean(v)) for k, v in extras.items()}}
@@ -187,7 +186,7 @@ def fit(config: TrainConfig, out_dir: str, progress: bool = True, log=print, eva
             + "".join(f"  {k} {np.mean(v):.4f}" for k, v in extras.items() if k != "n_pairs"))
         checkpoint.save(out_dir, epoch + 1, variables, dict(meta, test_accuracy=test_acc, history=history),
                         opt_state=opt_state)
-    final = history[-1]["test_accuracy"] if history else float("nan")
+    final = history[-1]["test_accuracy"] if history else None
     return {"test_accuracy": final, "epochs": config.epochs, "history": history,
             "seconds": time.perf_counter() - started, "test_split": test_set.spec}
 
