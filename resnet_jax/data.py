@@ -272,12 +272,18 @@ def load_for_checkpoint(spec: str, meta: dict, *, split: str | None = None, defa
     """
     ds = load(spec, split=split, image_size=meta["image_size"], normalization=meta.get("normalization", "none"),
               default_split=default_split, seed=seed)
-    if ds.num_classes != meta["num_classes"]:
-        raise UserError(f"{ds.spec} has {ds.num_classes} classes but the checkpoint's model has "
-                        f"{meta['num_classes']}: pass data with the checkpoint's classes")
+    check_classes(ds, meta)
     if len(ds) == 0:
         raise UserError(f"{ds.spec} holds no images: pass a data spec with images")
     return ds
+
+
+def check_classes(ds, meta: dict) -> None:
+    """Raises UserError when the data set `ds` has another number of classes than the checkpoint
+    whose metadata is `meta`."""
+    if ds.num_classes != meta["num_classes"]:
+        raise UserError(f"{ds.spec} has {ds.num_classes} classes but the checkpoint's model has "
+                        f"{meta['num_classes']}: pass data with the checkpoint's classes")
 
 
 def _choose_split(requested: str | None, default: str, available: Sequence[str], what: str) -> str:

@@ -110,14 +110,12 @@ def _check_args(grad_params, label_source, project_dim, batch_size, limit, proce
 
 
 def _open_data(data_spec, split, meta, data_seed):
-    if hasattr(data_spec, "batches") and hasattr(data_spec, "ids"):
-        n_classes = getattr(data_spec, "num_classes", meta["num_classes"])
-        if n_classes != meta["num_classes"]:
-            raise UserError(f"{data_spec.spec} has {n_classes} classes but the checkpoint's model has "
-                            f"{meta['num_classes']}: pass data with the checkpoint's classes")
-        return data_spec  # an already loaded Dataset
     from . import data
 
+    if hasattr(data_spec, "batches") and hasattr(data_spec, "ids"):
+        if hasattr(data_spec, "num_classes"):
+            data.check_classes(data_spec, meta)
+        return data_spec  # an already loaded Dataset
     return data.load_for_checkpoint(data_spec, meta, split=split, seed=data_seed)
 
 
