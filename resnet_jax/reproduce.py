@@ -20,17 +20,18 @@ from . import pipeline
 from .errors import UserError
 from .models import MODEL_NAMES
 
-# Training per model on the embedded default, sized so that `make reproduce` fits 15 minutes on a
-# 2-core CPU (see the README's measurements): the deeper models get fewer steps of smaller batches,
-# ResNet-101/152 one pass over 320 of the 1,257 training images (20 steps).
-DEFAULT_TRAINING = {
-    "resnet18": {"epochs": 6, "batch_size": 64, "learning_rate": 2e-3, "images_per_epoch": None},
-    "resnet34": {"epochs": 3, "batch_size": 16, "learning_rate": 1e-3, "images_per_epoch": None},
-    "resnet50": {"epochs": 2, "batch_size": 16, "learning_rate": 1e-3, "images_per_epoch": None},
-    "resnet101": {"epochs": 1, "batch_size": 16, "learning_rate": 1e-3, "images_per_epoch": 320},
-    "resnet152": {"epochs": 1, "batch_size": 16, "learning_rate": 1e-3, "images_per_epoch": 320},
+# Training epochs and settings (batch size, peak learning rate, images per epoch) per model on the
+# embedded default, sized so that `make reproduce` fits 15 minutes on a 2-core CPU (see the README's
+# measurements): the deeper models get fewer steps of smaller batches, ResNet-101/152 one pass over
+# 320 of the 1,257 training images (20 steps).
+DEFAULT_EPOCHS = {"resnet18": 6, "resnet34": 3, "resnet50": 2, "resnet101": 1, "resnet152": 1}
+DEFAULT_SETTINGS = {
+    "resnet18": {"batch_size": 64, "learning_rate": 2e-3, "images_per_epoch": None},
+    "resnet34": {"batch_size": 16, "learning_rate": 1e-3, "images_per_epoch": None},
+    "resnet50": {"batch_size": 16, "learning_rate": 1e-3, "images_per_epoch": None},
+    "resnet101": {"batch_size": 16, "learning_rate": 1e-3, "images_per_epoch": 320},
+    "resnet152": {"batch_size": 16, "learning_rate": 1e-3, "images_per_epoch": 320},
 }
-DEFAULT_EPOCHS = {m: t["epochs"] for m, t in DEFAULT_TRAINING.items()}
 QUICK = {"models": ("resnet18",), "epochs": 3, "limit": 200}
 SPACES = ("GW", "P", "FM")
 CONTROL = "GW_pred"
@@ -79,8 +80,7 @@ def run(models: list[str], data_spec: str = "digits", ckpts: dict | None = None,
     config = {"models": models, "data": base_spec, "quick": quick, "seed": seed, "limit": limit,
               "grad_align": grad_align, "grad_mi": grad_mi,
               "epochs": {m: epochs[m] for m in models if m not in ckpts},
-              "training": {m: {k: v for k, v in DEFAULT_TRAINING[m].items() if k != "epochs"}
-                           for m in models if m not in ckpts},
+              "training": {m: DEFAULT_SETTINGS[m] for m in models if m not in ckpts},
               "checkpoints": {m: os.path.abspath(p) for m, p in ckpts.items()}}
     _check_heldout(base_spec, limit, seed)
     _prepare_out_dir(out_dir, config, force)
@@ -146,9 +146,8 @@ def _run_model(name, arch, base_spec, ckpt_dir, epochs, out_dir, limit, seed, gr
     t = time.perf_counter()
     if ckpt_dir is None:
         ckpt_dir = os.path.join(run_dir, "checkpoint")
-        settings = {k: v for k, v in DEFAULT_TRAINING[arch].items() if k != "epochs"}
-        config = train.TrainConfig(model=arch, data=base_spec, epochs=epochs, **settings, seed=seed, augment_shift=4,
-                                   grad_align=grad_align, grad_mi=grad_mi)
+        config = train.TrainConfig(model=arch, data=base_spec, epochs=epochs, **DEFAULT_SETTINGS[arch], seed=seed,
+                                   augment_shift=4, grad_align=grad_align, grad_mi=grad_mi)
         # held_out=False: the held-out accuracy comes from the store, whose pass runs the same images.
         train.fit(config, ckpt_dir, progress=progress, log=lambda s: log("  " + s), held_out=False)
     accuracy = checkpoint.load_meta(ckpt_dir).get("test_accuracy")
