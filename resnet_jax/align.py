@@ -27,7 +27,7 @@ Second order (`second_order=`)
     as a Hessian-vector product). Same values (tested against the reverse mode and finite
     differences); it stores no activations for the backward pass, and on ResNet-18 (72 px, batch
     32, 2 CPU cores) the aligned step costs 2.3-2.8x a plain step against 3.4-4.9x with "reverse"
-    (`bench_train`). The custom
+    (`bench.bench_train`). The custom
     VJP supports reverse-mode differentiation only: use "reverse" to push `jax.jvp` through the loss.
 
 L_grad (cosine alignment)
@@ -73,7 +73,6 @@ Batches with pairs
 from __future__ import annotations
 
 import math
-import time
 from functools import partial
 
 import jax
@@ -82,18 +81,12 @@ import numpy as np
 
 from . import models
 from .errors import UserError
-from .grads import model_key
+from .losses import cross_entropy
+from .params import model_key
 
 SECOND_ORDER = ("forward", "reverse")
 _TINY_NORM2 = 1e-12      # floor of a squared gradient norm in the cosine (bounds 1/|g| in double backprop)
 _SCALE_FLOOR = 1e-12     # floor of the shrinkage target's per-dimension variance
-
-
-def cross_entropy(logits, labels):
-    """Per-example -log softmax(logits)[label]; logits (..., C), labels (...)."""
-    logits = jnp.asarray(logits, jnp.promote_types(logits.dtype, jnp.float32))
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,57 +349,3 @@ def balanced_batches(labels, batch_size: int, per_class: int, seed: int = 0, epo
                 parts.append(draw_group(c))
         batches.append(np.concatenate(parts).astype(np.int64))
     return [batches[i] for i in rng.permutation(len(batches))]
-
-
-# ---------------------------------------------------------------------------------------------
-# Benchmark
-
-def bench_train(model_name: str = "resnet18", image_size: int = 72, batch_size: int = 32, per_class: int = 4,
-                stem: str = "standard", num_classes: int = 10, lambda_align: float = 1.0, lambda_mi: float = 0.1,
-                n_iter: int = 5, seed: int = 0, second_order: str = "forward") -> dict:
-    """Times the plain and the aligned training steps on the same model and batch.
-
-    Both steps are compiled first, then run alternately `n_iter` times each (so load changes on a
-    shared machine hit both alike); rates use each step's fastest run, `ratio_median` the medians.
-    Returns {"plain_samples_per_s", "aligned_samples_per_s", "ratio" (aligned step time / plain),
-    "ratio_median", "plain_compile_s", "aligned_compile_s", "config"}.
-    """
-    import optax
-    from . import train
-
-    if n_iter < 1:
-        raise UserError(f"n_iter must be at least 1, got {n_iter}")
-    model = models.create(model_name, num_classes, stem)
-    variables = models.init(model, jax.random.key(seed), image_size)
-    tx = optax.adamw(1e-3)
-    rs = np.random.default_rng(seed)
-    images = jnp.asarray(rs.normal(size=(batch_size, image_size, image_size, 3)), jnp.float32)
-    labels = jnp.asarray(np.arange(batch_size) // per_class % num_classes, jnp.int32)
-    rng = jax.random.key(seed)
-    out = {"config": {"model": model_name, "image_size": image_size, "batch_size": batch_size, "stem": stem,
-                      "per_class": per_class, "lambda_align": lambda_align, "lambda_mi": lambda_mi,
-                      "n_iter": n_iter, "second_order": second_order, "backend": jax.default_backend()}}
-    aligned = make_aligned_loss(model, lambda_align, lambda_mi, second_order=second_order)
-    copy = lambda t: jax.tree_util.tree_map(jnp.copy, t)
-    steps, states = {}, {}
-    for name, loss_fn in (("plain", None), ("aligned", aligned)):
-        steps[name] = train.make_train_step(model, tx, loss_fn)
-        state = (copy(variables["params"]), copy(variables["batch_stats"]), tx.init(variables["params"]))
-        t0 = time.perf_counter()
-        *state, metrics = steps[name](*state, images, labels, rng)
-        jax.block_until_ready((state, metrics))
-        out[f"{name}_compile_s"] = time.perf_counter() - t0
-        states[name] = state
-    times = {"plain": [], "aligned": []}
-    for _ in range(n_iter):
-        for name in ("plain", "aligned"):
-            t0 = time.perf_counter()
-            *state, metrics = steps[name](*states[name], images, labels, rng)
-            jax.block_until_ready((state, metrics))
-            times[name].append(time.perf_counter() - t0)
-            states[name] = state
-    for name in ("plain", "aligned"):
-        out[f"{name}_samples_per_s"] = batch_size / min(times[name])
-    out["ratio"] = min(times["aligned"]) / min(times["plain"])
-    out["ratio_median"] = float(np.median(times["aligned"]) / np.median(times["plain"]))
-    return out

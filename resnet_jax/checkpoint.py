@@ -85,25 +85,32 @@ def latest_step(directory: str) -> int | None:
 
 def load_meta(directory: str, step: int | None = None) -> dict:
     """Returns the metadata of `step` (default: the latest)."""
-    import orbax.checkpoint as ocp
-
-    step = _require_step(directory, step)
-    mgr = _manager(directory)
+    mgr = _open(directory)
     try:
-        meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    except Exception as e:  # corrupt or foreign directory
-        raise UserError(f"cannot read checkpoint metadata in {directory} (step {step}): {type(e).__name__}; "
-                        f"pass a directory written by 'resnet-jax train' or 'resnet-jax convert'") from None
+        return _read_meta(mgr, directory, _require_step(mgr, directory, step))
     finally:
         mgr.close()
-    return meta
 
 
-def _require_step(directory: str, step: int | None) -> int:
+def _open(directory: str):
     if not os.path.isdir(directory):
         raise UserError(f"checkpoint directory {directory} does not exist: train a model with "
                         f"'resnet-jax train' or import weights with 'resnet-jax convert'")
-    latest = latest_step(directory)
+    return _manager(directory)
+
+
+def _read_meta(mgr, directory: str, step: int) -> dict:
+    import orbax.checkpoint as ocp
+
+    try:
+        return mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:  # corrupt or foreign directory
+        raise UserError(f"cannot read checkpoint metadata in {directory} (step {step}): {type(e).__name__}; "
+                        f"pass a directory written by 'resnet-jax train' or 'resnet-jax convert'") from None
+
+
+def _require_step(mgr, directory: str, step: int | None) -> int:
+    latest = mgr.latest_step()
     if latest is None:
         raise UserError(f"{directory} holds no complete checkpoint: pass a directory written by "
                         f"'resnet-jax train' or 'resnet-jax convert'")
@@ -119,20 +126,20 @@ def load(directory: str, step: int | None = None, opt_state_target=None, expect:
     """
     import orbax.checkpoint as ocp
 
-    step = _require_step(directory, step)
-    meta = load_meta(directory, step)
-    for key, want in (expect or {}).items():
-        if want is not None and meta.get(key) != want:
-            raise UserError(f"checkpoint {directory} is for {key}={meta.get(key)!r}, not {want!r}: "
-                            f"pass a checkpoint of the right {key} or retrain")
-    model = models.create(meta["model"], meta["num_classes"], meta["stem"])
-    shapes = models.variable_shapes(model, meta["image_size"])
-    target = {"params": shapes["params"], "batch_stats": shapes["batch_stats"]}
-    items = {"state": ocp.args.StandardRestore(jax.tree.map(_abstract, target))}
-    if opt_state_target is not None:
-        items["opt_state"] = ocp.args.StandardRestore(jax.tree.map(_abstract, opt_state_target))
-    mgr = _manager(directory)
+    mgr = _open(directory)
     try:
+        step = _require_step(mgr, directory, step)
+        meta = _read_meta(mgr, directory, step)
+        for key, want in (expect or {}).items():
+            if want is not None and meta.get(key) != want:
+                raise UserError(f"checkpoint {directory} is for {key}={meta.get(key)!r}, not {want!r}: "
+                                f"pass a checkpoint of the right {key} or retrain")
+        model = models.create(meta["model"], meta["num_classes"], meta["stem"])
+        shapes = models.variable_shapes(model, meta["image_size"])
+        target = {"params": shapes["params"], "batch_stats": shapes["batch_stats"]}
+        items = {"state": ocp.args.StandardRestore(jax.tree.map(_abstract, target))}
+        if opt_state_target is not None:
+            items["opt_state"] = ocp.args.StandardRestore(jax.tree.map(_abstract, opt_state_target))
         check_tree(mgr.item_metadata(step)["state"], target, directory)
         restored = mgr.restore(step, args=ocp.args.Composite(**items))
     finally:

@@ -30,12 +30,10 @@ Cost: the gradient is taken with respect to the zero `perturbations` entry of th
 only, never with respect to parameters, so the backward pass runs from the logits down to that
 stage and stops there (XLA removes everything else). For `layer4` it is only the transpose of the
 Dense head and the global average pool: Grad-CAM costs about one forward pass. See
-`bench_gradcam`.
+`bench.bench_gradcam`.
 """
 from __future__ import annotations
 
-import statistics
-import time
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -45,10 +43,10 @@ import numpy as np
 
 from . import models
 from .errors import UserError
+from .grads import LABEL_SOURCES
 
 LAYERS = models.STAGES
 METHODS = ("gradcam", "gradcampp")
-TARGETS = ("true", "predicted")
 
 # Grad-CAM++ denominator epsilon, as in pytorch-grad-cam.
 GRADCAMPP_EPS = 1e-6
@@ -69,7 +67,7 @@ class CamOutputs(NamedTuple):
 
 # ----------------------------------------------------------------------------- validation
 
-def _check_layer_and_method(layer: str, method: str) -> None:
+def check_layer_and_method(layer: str, method: str) -> None:
     if layer not in LAYERS:
         raise UserError(f"unknown Grad-CAM layer {layer!r}: choose one of {', '.join(LAYERS)}")
     if method not in METHODS:
@@ -89,17 +87,18 @@ def _check_targets(targets, n: int, num_classes: int, what: str = "targets") -> 
     return t.astype(np.int32)
 
 
-def targets_for(logits, labels=None, target: str = "true"):
-    """Returns the classes to explain, (N,) int32: the `labels` ("true") or argmax `logits` ("predicted")."""
-    if target not in TARGETS:
-        raise UserError(f"unknown target {target!r}: choose one of {', '.join(TARGETS)}")
+def targets_for(logits, labels=None, label_source: str = "true"):
+    """Returns the classes to explain, (N,) int32: the `labels` ("true") or argmax `logits` ("predicted"),
+    the same gradient labels as `grads`."""
+    if label_source not in LABEL_SOURCES:
+        raise UserError(f"unknown label source {label_source!r}: choose one of {', '.join(LABEL_SOURCES)}")
     logits = jnp.asarray(logits)
     if logits.ndim != 2:
         raise UserError(f"logits must have shape (N, C), got {tuple(logits.shape)}")
-    if target == "predicted":
+    if label_source == "predicted":
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if labels is None:
-        raise UserError("target 'true' needs the labels: pass them, or use target 'predicted'")
+        raise UserError("label source 'true' needs the labels: pass them, or use label source 'predicted'")
     return jnp.asarray(_check_targets(labels, logits.shape[0], logits.shape[1], what="labels"))
 
 
@@ -191,7 +190,7 @@ _CACHE: list[tuple[Any, str, str, Any]] = []
 _CACHE_SIZE = 16
 
 
-def _compiled(model, layer: str, method: str):
+def compiled(model, layer: str, method: str):
     for m, l, meth, fn in _CACHE:
         if l == layer and meth == method and (m is model or m == model):
             return fn
@@ -210,7 +209,7 @@ def gradcam_with_outputs(model, variables, images, targets=None, layer: str = "l
     with the maps (N, H, W) in [0, 1], the `degenerate` flags, the logits (N, C) and more.
     Raises UserError for an unknown layer or method, images not (N, H, W, 3), or bad targets.
     """
-    _check_layer_and_method(layer, method)
+    check_layer_and_method(layer, method)
     if not hasattr(images, "shape"):
         images = np.asarray(images)
     models.validate_images(images)
@@ -218,7 +217,7 @@ def gradcam_with_outputs(model, variables, images, targets=None, layer: str = "l
         targets = np.full((images.shape[0],), -1, np.int32)
     else:
         targets = _check_targets(targets, images.shape[0], model.num_classes)
-    up, logits, targets, weights, raw = _compiled(model, layer, method)(variables, jnp.asarray(images),
+    up, logits, targets, weights, raw = compiled(model, layer, method)(variables, jnp.asarray(images),
                                                                        jnp.asarray(targets))
     cams, degenerate = _min_max(up)
     return CamOutputs(cams, degenerate, logits, targets, weights, raw)
@@ -230,40 +229,3 @@ def gradcam(model, variables, images, targets=None, layer: str = "layer4", metho
     Degenerate (constant) maps are all zeros, i.e. exactly the maps whose maximum is 0.
     """
     return gradcam_with_outputs(model, variables, images, targets, layer, method).cams
-
-
-# ----------------------------------------------------------------------------- benchmark
-
-def bench_gradcam(model, variables, batch: int, image_size: int, steps: int = 10, layer: str = "layer4",
-                  method: str = "gradcam", warmup: int = 2, seed: int = 0) -> dict:
-    """Times the jit forward pass (logits only) against batched jit Grad-CAM on the same batch.
-
-    Both are compiled and run `warmup` times first; then `steps` timed calls of each, interleaved
-    (so load from other processes hits both alike), each ended with `block_until_ready`. Returns
-    images/s from the median call time of each and `ratio` = Grad-CAM / forward throughput.
-    """
-    _check_layer_and_method(layer, method)
-    if batch < 1 or steps < 1:
-        raise UserError(f"batch and steps must be at least 1, got batch={batch}, steps={steps}")
-    images = jax.random.normal(jax.random.key(seed), (batch, image_size, image_size, 3), jnp.float32)
-    targets = jnp.arange(batch, dtype=jnp.int32) % model.num_classes
-    forward = jax.jit(lambda v, x: model.apply(v, x, train=False)[0])
-    cam = _compiled(model, layer, method)
-
-    def call(fn, *args):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        return time.perf_counter() - start
-
-    for _ in range(max(1, warmup)):
-        call(forward, variables, images)
-        call(cam, variables, images, targets)
-    t_forward, t_cam = [], []
-    for _ in range(steps):
-        t_forward.append(call(forward, variables, images))
-        t_cam.append(call(cam, variables, images, targets))
-    forward_ips = batch / statistics.median(t_forward)
-    cam_ips = batch / statistics.median(t_cam)
-    return {"batch": batch, "image_size": image_size, "steps": steps, "layer": layer, "method": method,
-            "forward_images_per_s": forward_ips, "gradcam_images_per_s": cam_ips,
-            "ratio": cam_ips / forward_ips}

@@ -52,48 +52,27 @@ Curvature report (`curvature_report`)
 from __future__ import annotations
 
 import math
-import time
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax.tree_utils as otu
 from jax.tree_util import Partial
 
 from . import models
 from .errors import UserError
-from .grads import merge_params, model_key, select_paths, split_params
+from .losses import cross_entropy
+from .params import merge_params, model_key, select_paths, split_params
 
 EIGEN_METHODS = ("lanczos", "power")
-_START = 0x5EED5  # stream of the eigen solvers' start vector: default_rng([seed, _START])
+PROBE_STREAM = 0x5EED5  # stream of the eigen solvers' start vector: default_rng([seed, PROBE_STREAM])
 
-# ---------------------------------------------------------------------------------------------
-# Pytree vector helpers
-
-
-def tree_vdot(a, b):
-    """sum over leaves of <a_l, b_l> (a scalar)."""
-    parts = [jnp.vdot(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))]
-    return sum(parts[1:], parts[0]) if parts else jnp.zeros(())
-
-
-def tree_norm(a):
-    return jnp.sqrt(tree_vdot(a, a))
-
-
-def tree_axpy(alpha, x, y):
-    """alpha * x + y, leafwise."""
-    return jax.tree_util.tree_map(lambda u, w: alpha * u + w, x, y)
-
-
-_vdot_jit = jax.jit(tree_vdot)
-_norm_jit = jax.jit(tree_norm)
-_axpy_jit = jax.jit(tree_axpy)
-_add_jit = jax.jit(lambda a, b: jax.tree_util.tree_map(jnp.add, a, b))
-
-
-def tree_size(a) -> int:
-    return sum(math.prod(jnp.shape(x)) for x in jax.tree_util.tree_leaves(a))
+# Pytree vector maths: optax.tree_utils (vdot, norm, add_scale, scale, add, size), jitted once.
+_vdot_jit = jax.jit(otu.tree_vdot)
+_norm_jit = jax.jit(otu.tree_norm)
+_axpy_jit = jax.jit(lambda alpha, x, y: otu.tree_add_scale(y, alpha, x))  # alpha * x + y
+_add_jit = jax.jit(otu.tree_add)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,28 +84,22 @@ def hvp(f, x, v):
     return jax.jvp(jax.grad(f), (x,), (v,))[1]
 
 
-def _as_partial(f):
+def as_partial(f):
     return f if isinstance(f, Partial) else Partial(f)
 
 
-_hvp_jit = jax.jit(lambda f, x, v: hvp(f, x, v))
-_grad_jit = jax.jit(lambda f, x: jax.grad(f)(x))
-
-
-def _ce(logits, labels):
-    logits = jnp.asarray(logits, jnp.promote_types(logits.dtype, jnp.float32))
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+hvp_jit = jax.jit(lambda f, x, v: hvp(f, x, v))
+grad_jit = jax.jit(lambda f, x: jax.grad(f)(x))
 
 
 def _weighted_params_loss(model, frozen, batch_stats, images, labels, weights, selected):
     logits, _ = models.apply(model, {"params": merge_params(selected, frozen), "batch_stats": batch_stats}, images)
-    return jnp.sum(weights * _ce(logits, labels))
+    return jnp.sum(weights * cross_entropy(logits, labels))
 
 
 def _weighted_input_loss(model, variables, labels, weights, images):
     logits, _ = models.apply(model, variables, images)
-    return jnp.sum(weights * _ce(logits, labels))
+    return jnp.sum(weights * cross_entropy(logits, labels))
 
 
 _LOSS_CACHE: dict = {}
@@ -169,14 +142,14 @@ def input_loss(model, variables, images, labels):
 @jax.jit
 def _rayleigh(v, w):
     """Given unit v and w = H v: (lambda, |w|, relative residual, w / |w|)."""
-    lam = tree_vdot(v, w)
-    wn = tree_norm(w)
-    res = tree_norm(tree_axpy(-lam, v, w)) / jnp.maximum(jnp.abs(lam), 1e-30)
+    lam = otu.tree_vdot(v, w)
+    wn = otu.tree_norm(w)
+    res = otu.tree_norm(otu.tree_add_scale(w, -lam, v)) / jnp.maximum(jnp.abs(lam), 1e-30)
     nxt = jax.tree_util.tree_map(lambda u: u / jnp.maximum(wn, 1e-30), w)
     return lam, wn, res, nxt
 
 
-def _probe(rng: np.random.Generator, like, kind: str = "rademacher"):
+def probe_vector(rng: np.random.Generator, like, kind: str = "rademacher"):
     """A pytree like `like` of +-1 (Rademacher) or N(0, 1) entries drawn on the host by `rng`
     (leaf by leaf in tree order), in each leaf's dtype. Host draws need no compilation."""
     leaves, treedef = jax.tree_util.tree_flatten(like)
@@ -191,7 +164,7 @@ def _probe(rng: np.random.Generator, like, kind: str = "rademacher"):
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _check_counts(n_iter=None, n_samples=None):
+def check_counts(n_iter=None, n_samples=None):
     if n_iter is not None and int(n_iter) < 1:
         raise UserError(f"n_iter must be at least 1, got {n_iter}")
     if n_samples is not None and int(n_samples) < 2:
@@ -204,8 +177,8 @@ def power_iteration(matvec, like, n_iter: int = 20, seed: int = 0, tol: float = 
     Returns (eigenvalue, info) with info = {"converged", "iterations", "residual", "history",
     "eigenvector"}; see the module docstring.
     """
-    _check_counts(n_iter=n_iter)
-    v = _probe(np.random.default_rng([int(seed), _START]), like, kind="normal")
+    check_counts(n_iter=n_iter)
+    v = probe_vector(np.random.default_rng([int(seed), PROBE_STREAM]), like, kind="normal")
     v = _scaled(v, 1.0 / _norm_jit(v))
     history, converged, lam, res, it = [], False, 0.0, float("inf"), 0
     for it in range(1, int(n_iter) + 1):
@@ -226,19 +199,19 @@ def power_iteration(matvec, like, n_iter: int = 20, seed: int = 0, tol: float = 
 @jax.jit
 def _orthogonalize(w, v):
     """w - <w, v> v for unit v."""
-    return tree_axpy(-tree_vdot(w, v), v, w)
+    return otu.tree_add_scale(w, -otu.tree_vdot(w, v), v)
 
 
 @jax.jit
 def _scaled(w, c):
-    return jax.tree_util.tree_map(lambda u: u * c, w)
+    return otu.tree_scale(c, w)
 
 
 def lanczos(matvec, like, n_iter: int = 20, seed: int = 0, tol: float = 1e-3):
     """Largest (algebraic) eigenvalue of the symmetric operator `matvec` by Lanczos with full
     re-orthogonalisation. Returns (eigenvalue, info); see the module docstring."""
-    _check_counts(n_iter=n_iter)
-    v = _probe(np.random.default_rng([int(seed), _START]), like, kind="normal")
+    check_counts(n_iter=n_iter)
+    v = probe_vector(np.random.default_rng([int(seed), PROBE_STREAM]), like, kind="normal")
     v = _scaled(v, 1.0 / _norm_jit(v))
     basis, alphas, betas, history = [v], [], [], []
     converged, theta, theta_min, res, s_top = False, 0.0, 0.0, float("inf"), np.ones(1)
@@ -274,10 +247,10 @@ def lanczos(matvec, like, n_iter: int = 20, seed: int = 0, tol: float = 1e-3):
 
 def hutchinson(matvec, like, n_samples: int = 100, seed: int = 0):
     """(estimate, standard error, samples) of the trace of `matvec` with Rademacher probes."""
-    _check_counts(n_samples=n_samples)
+    check_counts(n_samples=n_samples)
     samples = []
     for s in range(int(n_samples)):
-        z = _probe(np.random.default_rng([int(seed), s]), like)
+        z = probe_vector(np.random.default_rng([int(seed), s]), like)
         samples.append(float(_vdot_jit(z, matvec(z))))
     samples = np.asarray(samples, np.float64)
     return float(samples.mean()), float(samples.std(ddof=1) / math.sqrt(len(samples))), samples
@@ -293,14 +266,14 @@ def top_eigenvalue(f, x, n_iter: int = 20, seed: int = 0, tol: float = 1e-3, met
     """Top eigenvalue of the Hessian of f at x: (eigenvalue, info). Lanczos: the largest one;
     power: the largest in magnitude (see the module docstring)."""
     solver = _eigen_method(method)
-    f = _as_partial(f)
-    return solver(lambda v: _hvp_jit(f, x, v), x, n_iter, seed, tol)
+    f = as_partial(f)
+    return solver(lambda v: hvp_jit(f, x, v), x, n_iter, seed, tol)
 
 
 def hutchinson_trace(f, x, n_samples: int = 100, seed: int = 0):
     """(estimate, standard error) of the trace of the Hessian of f at x (Rademacher probes)."""
-    f = _as_partial(f)
-    est, se, _ = hutchinson(lambda v: _hvp_jit(f, x, v), x, n_samples, seed)
+    f = as_partial(f)
+    est, se, _ = hutchinson(lambda v: hvp_jit(f, x, v), x, n_samples, seed)
     return est, se
 
 
@@ -315,7 +288,7 @@ def _eval_fn(model):
     if fn is None:
         def run(variables, images, labels):
             logits, _ = models.apply(model, variables, images)
-            return jnp.argmax(logits, -1) == labels, _ce(logits, labels)
+            return jnp.argmax(logits, -1) == labels, cross_entropy(logits, labels)
         fn = _LOSS_CACHE[key] = jax.jit(run)
     return fn
 
@@ -338,7 +311,7 @@ def curvature_report(model, variables, images, labels, params: str = "fc", n_ite
     with g = {"count", "empty", "loss", "top_eigenvalue", "eigen_converged", "eigen_iterations",
     "eigen_residual", "trace", "trace_stderr"} (values None for an empty group). JSON-serialisable.
     """
-    _check_counts(n_iter=n_iter, n_samples=n_samples)
+    check_counts(n_iter=n_iter, n_samples=n_samples)
     solver = _eigen_method(method)
     if int(batch_size) < 1:
         raise UserError(f"batch_size must be at least 1, got {batch_size}")
@@ -364,7 +337,7 @@ def curvature_report(model, variables, images, labels, params: str = "fc", n_ite
     groups_idx = {"correct": np.flatnonzero(correct), "misclassified": np.flatnonzero(~correct)}
     chunk = min(int(batch_size), max([len(i) for i in groups_idx.values()] + [1]))
     loss_fn = _loss_of("params", model)
-    report = {"params": params, "n_params": tree_size(sel), "n_images": n, "method": method,
+    report = {"params": params, "n_params": otu.tree_size(sel), "n_images": n, "method": method,
               "accuracy": float(correct.mean()) if n else None, "groups": {}}
     for name, idx in groups_idx.items():
         g = {"count": int(len(idx)), "empty": len(idx) == 0, "loss": None, "top_eigenvalue": None,
@@ -378,7 +351,7 @@ def curvature_report(model, variables, images, labels, params: str = "fc", n_ite
             def matvec(v, parts=parts):
                 out = None
                 for f in parts:
-                    h = _hvp_jit(f, sel, v)
+                    h = hvp_jit(f, sel, v)
                     out = h if out is None else _add_jit(out, h)
                 return out
 
@@ -394,39 +367,21 @@ def curvature_report(model, variables, images, labels, params: str = "fc", n_ite
 # Benchmark
 
 
-def _time(fn, n_iter):
-    jax.block_until_ready(fn())                 # compile
-    t0 = time.perf_counter()
-    for _ in range(n_iter):
-        out = fn()
-    jax.block_until_ready(out)
-    return (time.perf_counter() - t0) / n_iter
+def curvature_of_checkpoint(ckpt_dir: str, data_spec: str, limit: int | None, params: str = "fc", n_iter: int = 20,
+                            n_samples: int = 30, seed: int = 0):
+    """`resnet-jax curvature`: curvature_report of the first `limit` images of `data_spec` fed to the
+    checkpoint. Returns (report, rows: one dict per group, note: a one-line description)."""
+    from . import checkpoint, data
 
-
-def bench_hvp(f=None, x=None, *, model_name: str = "resnet18", image_size: int = 72, batch_size: int = 32,
-              stem: str = "standard", params: str = "all", num_classes: int = 10, n_iter: int = 5,
-              seed: int = 0) -> dict:
-    """Time of one HVP as a multiple of one gradient of the same function (both jitted, compile excluded).
-
-    With f and x given, times those; otherwise the eval-mode mean loss of a random batch through a
-    freshly initialised `model_name` w.r.t. the `params` subset. Returns {"grad_s", "hvp_s", "ratio",
-    "config"}.
-    """
-    _check_counts(n_iter=n_iter)
-    config = {"n_iter": n_iter, "backend": jax.default_backend()}
-    if f is None:
-        model = models.create(model_name, num_classes, stem)
-        variables = models.init(model, jax.random.key(seed), image_size)
-        rs = np.random.default_rng(seed)
-        images = rs.normal(size=(batch_size, image_size, image_size, 3)).astype(np.float32)
-        labels = rs.integers(0, num_classes, batch_size)
-        f, x = params_loss(model, variables, images, labels, params)
-        config.update(model=model_name, image_size=image_size, batch_size=batch_size, stem=stem, params=params,
-                      n_params=tree_size(x))
-    elif x is None:
-        raise UserError("bench_hvp needs x together with f")
-    f = _as_partial(f)
-    v = _probe(np.random.default_rng([int(seed), _START]), x, kind="normal")
-    grad_s = _time(lambda: _grad_jit(f, x), n_iter)
-    hvp_s = _time(lambda: _hvp_jit(f, x, v), n_iter)
-    return {"grad_s": grad_s, "hvp_s": hvp_s, "ratio": hvp_s / grad_s, "config": config}
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be at least 1, got {limit}")
+    ckpt = checkpoint.load(ckpt_dir)
+    ds = data.load_for_checkpoint(data_spec, ckpt.meta, seed=seed)
+    batch = ds.take(np.arange(min(len(ds), limit or len(ds))))
+    report = curvature_report(ckpt.model, ckpt.variables, batch.images, batch.labels, params=params, n_iter=n_iter,
+                              n_samples=n_samples, seed=seed)
+    rows = [{"group": name, **{k: g.get(k) for k in ("count", "loss", "top_eigenvalue", "trace", "trace_stderr")}}
+            for name, g in report["groups"].items()]
+    note = (f"Hessian of the mean loss w.r.t. {report['params']} ({report['n_params']:,} parameters), "
+            f"{report['n_images']} images of {ds.spec}, accuracy {report['accuracy']:.4f}")
+    return report, rows, note

@@ -11,7 +11,6 @@ import itertools
 import math
 import time
 from dataclasses import dataclass, field
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +19,7 @@ import optax
 
 from . import checkpoint, data, models
 from .errors import UserError
+from .losses import cross_entropy
 
 
 @dataclass(frozen=True)
@@ -44,11 +44,6 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)
 
 
-def cross_entropy(logits, labels):
-    """Returns the mean softmax cross-entropy of logits (N, C) against integer labels (N,)."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-
 def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
     """Returns AdamW on a linear warm-up then cosine-decay schedule over the whole run."""
     total = max(1, config.epochs * steps_per_epoch)
@@ -70,7 +65,7 @@ def make_train_step(model: models.ResNet, tx: optax.GradientTransformation, loss
         def loss_fn(params, batch_stats, images, labels, rng):
             logits, _, new_stats = models.apply(model, {"params": params, "batch_stats": batch_stats}, images,
                                                 train=True)
-            return cross_entropy(logits, labels), (new_stats, logits, {})
+            return cross_entropy(logits, labels).mean(), (new_stats, logits, {})
 
     def step(params, batch_stats, opt_state, images, labels, rng):
         (loss, (new_stats, logits, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -126,7 +121,7 @@ def fit(config: TrainConfig, out_dir: str, progress: bool = True, log=print, hel
     if config.grad_align < 0 or config.grad_mi < 0:
         raise UserError("--grad-align and --grad-mi must be >= 0")
     kind, arg, _ = data.parse_spec(config.data)
-    normalization = "none" if kind == "digits" else "imagenet"
+    normalization = data.default_normalization(config.data)
     train_set = data.load(config.data, image_size=config.image_size, normalization=normalization,
                           default_split="train", seed=config.seed)
     test_set = data.load(kind if arg is None else f"{kind}:{arg}", image_size=train_set.image_size,

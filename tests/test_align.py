@@ -17,7 +17,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import float64
+from helpers import float64
 from resnet_jax import align, models, train
 from resnet_jax.errors import UserError
 
@@ -302,7 +302,7 @@ def test_balanced_batches_validation():
 
 def test_resnet_train_step_traces():
     """The ResNet-18 training step with the aligned loss, traced (not compiled: the double-backprop
-    compile takes ~20 s on a CPU; `align.bench_train` runs it)."""
+    compile takes ~20 s on a CPU; `bench.bench_train` runs it)."""
     model = models.create("resnet18", num_classes=4, stem="small")
     shapes = models.variable_shapes(model, 24)
     tx = optax.adamw(1e-3)

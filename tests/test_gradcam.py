@@ -17,6 +17,7 @@ import pytest
 
 from resnet_jax import gradcam as gc
 from resnet_jax import models
+from resnet_jax.bench import random_variables
 from resnet_jax.errors import UserError
 
 N, C, SIZE = 3, 7, 72  # resnet18 at 72 px: layer4 maps are 3x3, layer3 6x6
@@ -27,26 +28,6 @@ def _float32_matmuls():
     # Full float32 convolutions/matmuls also on GPUs (TF32 would dwarf the tolerances).
     with jax.default_matmul_precision("float32"):
         yield
-
-
-def random_variables(model, size, seed=0):
-    """Variables with random values everywhere (running statistics and biases too, so eval mode is
-    non-trivial), drawn in numpy from `models.variable_shapes`: no compiled `init` needed."""
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        name, shape = jax.tree_util.keystr(path), leaf.shape
-        if "kernel" in name and len(shape) == 4:  # conv (kh, kw, in, out): He normal, fan_out
-            value = rng.normal(size=shape) * np.sqrt(2.0 / (shape[0] * shape[1] * shape[3]))
-        elif "kernel" in name:  # fc (K, C)
-            value = rng.normal(size=shape) / np.sqrt(shape[0])
-        elif "scale" in name or "var" in name:
-            value = rng.uniform(0.5, 1.5, size=shape)
-        else:  # BatchNorm bias and mean, fc bias
-            value = 0.1 * rng.normal(size=shape)
-        return jnp.asarray(value, jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(draw, models.variable_shapes(model, size))
 
 
 @pytest.fixture(scope="module")
@@ -206,8 +187,8 @@ def test_backward_stops_at_the_layer(setup):
                      for shape in (leaf.shape[-2:], leaf.shape[:-3:-1])}  # either orientation
     assert f"512x{C}" in kernel_shapes and "256x512" in kernel_shapes
     t = jnp.asarray(targets)
-    layer4 = gc._compiled(model, "layer4", "gradcam").lower(variables, images, t).as_text()
-    layer3 = gc._compiled(model, "layer3", "gradcam").lower(variables, images, t).as_text()
+    layer4 = gc.compiled(model, "layer4", "gradcam").lower(variables, images, t).as_text()
+    layer3 = gc.compiled(model, "layer3", "gradcam").lower(variables, images, t).as_text()
     assert convs(forward) == 17 and len(dot_results(forward)) == 4
     assert convs(layer4) == 17
     assert convs(layer3) == 21
@@ -224,9 +205,9 @@ def test_predicted_and_true_targets(setup):
     pred = gc.gradcam_with_outputs(model, variables, images, None)
     predicted = np.argmax(np.asarray(pred.logits), axis=-1)
     np.testing.assert_array_equal(pred.targets, predicted)
-    np.testing.assert_array_equal(gc.targets_for(pred.logits, target="predicted"), predicted)
-    np.testing.assert_array_equal(gc.targets_for(pred.logits, targets, target="true"), targets)
-    explicit = gc.gradcam(model, variables, images, gc.targets_for(pred.logits, target="predicted"))
+    np.testing.assert_array_equal(gc.targets_for(pred.logits, label_source="predicted"), predicted)
+    np.testing.assert_array_equal(gc.targets_for(pred.logits, targets, label_source="true"), targets)
+    explicit = gc.gradcam(model, variables, images, gc.targets_for(pred.logits, label_source="predicted"))
     np.testing.assert_allclose(pred.cams, explicit, atol=1e-6)
     other = np.where(predicted == 6, 2, 6)  # classes with non-degenerate maps
     differs = gc.gradcam(model, variables, images, other)
@@ -238,7 +219,7 @@ def test_degenerate_maps(setup):
     # Class 0's fc column all negative: at layer4 cam = relu(sum_k W[k, 0] A_k / hw) with A >= 0
     # (post-ReLU), so class 0's map is zero everywhere.
     params = dict(variables["params"])
-    kernel = params["fc"]["kernel"]
+    kernel = jnp.asarray(params["fc"]["kernel"])
     params["fc"] = {**params["fc"], "kernel": kernel.at[:, 0].set(-jnp.abs(kernel[:, 0]) - 1e-3)}
     neg = {**variables, "params": params}
     targets = np.array([0, 2, 0], np.int32)
@@ -278,16 +259,16 @@ def test_errors(setup):
         gc.gradcam(model, variables, images, targets.astype(np.float32))
     logits = np.zeros((N, C), np.float32)
     with pytest.raises(UserError, match="predicted"):
-        gc.targets_for(logits, target="most-likely")
+        gc.targets_for(logits, label_source="most-likely")
     with pytest.raises(UserError, match="labels"):
-        gc.targets_for(logits, None, target="true")
+        gc.targets_for(logits, None, label_source="true")
     with pytest.raises(UserError, match="out of range"):
-        gc.targets_for(logits, np.array([0, 1, C]), target="true")
+        gc.targets_for(logits, np.array([0, 1, C]), label_source="true")
 
 
 def test_compiled_function_is_cached_per_model_layer_method():
-    a = gc._compiled(models.create("resnet18", num_classes=C), "layer4", "gradcam")
-    assert gc._compiled(models.create("resnet18", num_classes=C), "layer4", "gradcam") is a
-    assert gc._compiled(models.create("resnet18", num_classes=C), "layer3", "gradcam") is not a
-    assert gc._compiled(models.create("resnet18", num_classes=C), "layer4", "gradcampp") is not a
-    assert gc._compiled(models.create("resnet18", num_classes=C + 1), "layer4", "gradcam") is not a
+    a = gc.compiled(models.create("resnet18", num_classes=C), "layer4", "gradcam")
+    assert gc.compiled(models.create("resnet18", num_classes=C), "layer4", "gradcam") is a
+    assert gc.compiled(models.create("resnet18", num_classes=C), "layer3", "gradcam") is not a
+    assert gc.compiled(models.create("resnet18", num_classes=C), "layer4", "gradcampp") is not a
+    assert gc.compiled(models.create("resnet18", num_classes=C + 1), "layer4", "gradcam") is not a

@@ -23,8 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import random_variables
-from resnet_jax import grads, models
+from resnet_jax import grads, models, projection
+from resnet_jax.params import layout, select_paths
+from resnet_jax.bench import random_variables
 from resnet_jax.errors import UserError
 
 B, C, SIZE = 5, 6, 72  # resnet18 at 72 px: layer4 maps 3x3; B=5 pads to 8 on 8 devices
@@ -126,20 +127,20 @@ def rel(a, b):
 
 def test_subsets_and_layout(eight_devices):  # (starts the 8-device subprocess early)
     shapes = models.variable_shapes(MODEL, SIZE)["params"]
-    assert grads.select_paths(shapes, "fc") == ["fc/kernel", "fc/bias"]
-    lay = grads.layout(shapes, "fc")
+    assert select_paths(shapes, "fc") == ["fc/kernel", "fc/bias"]
+    lay = layout(shapes, "fc")
     assert lay.dim == 512 * C + C and lay.entries[1] == ("fc/bias", (C,), 512 * C)
-    assert grads.select_paths(shapes, CONV) == CONV_PATHS
-    assert grads.select_paths(shapes, "layer4_*/conv2/*") == ["layer4_0/conv2/kernel", "layer4_1/conv2/kernel"]
-    assert grads.select_paths(shapes, "re:layer4_1/conv\\d/kernel") == ["layer4_1/conv1/kernel",
+    assert select_paths(shapes, CONV) == CONV_PATHS
+    assert select_paths(shapes, "layer4_*/conv2/*") == ["layer4_0/conv2/kernel", "layer4_1/conv2/kernel"]
+    assert select_paths(shapes, "re:layer4_1/conv\\d/kernel") == ["layer4_1/conv1/kernel",
                                                                        "layer4_1/conv2/kernel"]
-    layer4 = grads.select_paths(shapes, "layer4")
+    layer4 = select_paths(shapes, "layer4")
     assert layer4 and all(p.startswith("layer4_") for p in layer4) and "layer4_0/downsample_conv/kernel" in layer4
-    assert grads.layout(shapes, "all").dim == models.count_params(shapes)
-    assert grads.select_paths(shapes, "all")[:3] == ["bn1/scale", "bn1/bias", "conv1/kernel"]
+    assert layout(shapes, "all").dim == models.count_params(shapes)
+    assert select_paths(shapes, "all")[:3] == ["bn1/scale", "bn1/bias", "conv1/kernel"]
     for bad in ("layer9", "fc/weight", "re:nothing.*here"):
         with pytest.raises(UserError, match="matches no parameter.*layer4_1/conv2/kernel"):
-            grads.select_paths(shapes, bad)
+            select_paths(shapes, bad)
 
 
 def test_fc_closed_form_and_loop_agree():
@@ -228,8 +229,8 @@ def test_projection_equals_explicit_matrix():
     proj = run("fc_proj", params="fc", project_dim=K, seed=7)["gw"]
     assert proj.shape == (B, K)
     assert rel(proj, full @ r_fc) < 1e-5
-    lay = grads.layout(VARIABLES["params"], "fc")
-    np.testing.assert_allclose(grads.projection_matrix(lay, grads.Projection(K, 7)), r_fc, rtol=1e-6)
+    lay = layout(VARIABLES["params"], "fc")
+    np.testing.assert_allclose(projection.projection_matrix(lay, projection.Projection(K, 7)), r_fc, rtol=1e-6)
     # conv + BatchNorm leaves through the taps path: never forms the per-example gradient
     r_conv = documented_projection(CONV_PATHS, CONV_SHAPES, K, 7)
     full_conv = run("conv")["gw"].astype(np.float64)

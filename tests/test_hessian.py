@@ -22,8 +22,9 @@ import pytest
 from jax.flatten_util import ravel_pytree
 from jax.tree_util import Partial
 
-from conftest import float64
-from resnet_jax import hessian, models
+from helpers import float64
+from resnet_jax import bench, hessian, models
+from resnet_jax.bench import random_variables
 from resnet_jax.errors import UserError
 
 C = 3
@@ -70,23 +71,6 @@ def tiny_setup(n=6, size=6, seed=0, dtype=np.float64):
     return model, variables, images, labels
 
 
-def random_variables(model, size, seed=0):
-    """ResNet variables drawn in numpy from `models.variable_shapes` (He-normal-like kernels)."""
-    rs = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        name, shape = jax.tree_util.keystr(path), leaf.shape
-        if "kernel" in name:
-            value = rs.normal(size=shape) * np.sqrt(2.0 / np.prod(shape[:-1]))
-        elif "scale" in name or "var" in name:
-            value = rs.uniform(0.5, 1.5, size=shape)
-        else:
-            value = 0.1 * rs.normal(size=shape)
-        return jnp.asarray(value, jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(draw, models.variable_shapes(model, size))
-
-
 def explicit_hessian(f, x):
     flat, unravel = ravel_pytree(x)
     H = jax.jit(lambda f, p: jax.hessian(lambda q: f(unravel(q)))(p))(f, flat)
@@ -121,7 +105,7 @@ def test_hvp_matches_explicit_hessian(tiny_all):
         flat, unravel = ravel_pytree(x)
         np.testing.assert_allclose(H, H.T, atol=1e-12)
         v = rs.normal(size=flat.shape)
-        got_jit = ravel_pytree(hessian._hvp_jit(f, x, unravel(jnp.asarray(v))))[0]
+        got_jit = ravel_pytree(hessian.hvp_jit(f, x, unravel(jnp.asarray(v))))[0]
         np.testing.assert_allclose(got_jit, H @ v, rtol=1e-9, atol=1e-12 * np.abs(H @ v).max())
 
 
@@ -235,7 +219,7 @@ def test_curvature_report_groups_against_explicit():
         assert g["eigen_converged"] and g["eigen_residual"] <= 1e-9
         assert abs(g["trace"] - np.trace(H)) <= 3 * g["trace_stderr"]
         # exactly Hutchinson with the documented probes: z_s from numpy default_rng([seed, s])
-        zs = [ravel_pytree(hessian._probe(np.random.default_rng([0, s]), x))[0] for s in range(kw["n_samples"])]
+        zs = [ravel_pytree(hessian.probe_vector(np.random.default_rng([0, s]), x))[0] for s in range(kw["n_samples"])]
         q = np.array([z @ H @ z for z in np.asarray(zs)])
         np.testing.assert_allclose([g["trace"], g["trace_stderr"]], [q.mean(), q.std(ddof=1) / np.sqrt(len(q))],
                                    rtol=1e-9)
@@ -274,5 +258,5 @@ def test_curvature_report_resnet_smoke():
 
 def test_bench_hvp_on_given_function():
     x = jnp.ones(50)
-    out = hessian.bench_hvp(lambda t: jnp.sum(jnp.sin(t) ** 2), x, n_iter=2)
+    out = bench.bench_hvp(lambda t: jnp.sum(jnp.sin(t) ** 2), x, n_iter=2)
     assert out["grad_s"] > 0 and out["hvp_s"] > 0 and out["ratio"] == pytest.approx(out["hvp_s"] / out["grad_s"])
