@@ -9,16 +9,18 @@ only.
 
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
 import scipy.linalg
+import scipy.sparse.linalg
+import sklearn
 from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
 from sklearn.metrics.cluster import contingency_matrix
 from sklearn.mixture import GaussianMixture
+
+from .validate import as_labels, as_matrix, check_int
 
 METHODS = ("kmeans", "gmm")
 
@@ -27,42 +29,15 @@ METHODS = ("kmeans", "gmm")
 _GRAM_SYMMETRY_RTOL = 1e-4
 # GMM covariance floor, relative to the mean per-dimension variance of Z.
 _GMM_REG_COVAR = 1e-6
-
-
-def _as_matrix(X, name):
-    """X as a finite real floating (N, D) array with N >= 2 (integers become float64)."""
-    X = np.asarray(X)
-    if X.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (N, D), got shape {X.shape}; flatten each example to one row")
-    if X.shape[0] < 2 or X.shape[1] < 1:
-        raise ValueError(f"{name} has shape {X.shape}; need at least 2 rows and 1 column")
-    if X.dtype == bool or not np.issubdtype(X.dtype, np.number) or np.iscomplexobj(X):
-        raise ValueError(f"{name} has dtype {X.dtype}; pass a real numeric array")
-    if not np.issubdtype(X.dtype, np.floating):
-        X = X.astype(np.float64)
-    bad = np.count_nonzero(~np.isfinite(X))
-    if bad:
-        raise ValueError(f"{name} has {bad} NaN/inf entries; drop or repair those examples first")
-    return X
-
-
-def _as_labels(labels, name, n=None):
-    """labels as a 1-D array, of length n when n is given."""
-    labels = np.asarray(labels)
-    if labels.ndim != 1:
-        raise ValueError(f"{name} must be 1-D (N,), got shape {labels.shape}")
-    if n is not None and labels.shape[0] != n:
-        raise ValueError(f"{name} has {labels.shape[0]} entries but the data has {n} rows; pass one label per row")
-    return labels
-
-
-def _check_int(value, name, minimum):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+# Largest Gram matrix reduced by a dense eigendecomposition (a float64 copy); larger ones by ARPACK.
+_EXACT_GRAM_MAX = 4096
+_GRAM_CHECK_ROWS = 1024  # rows per block of the symmetry check
+# Memory (MiB) scikit-learn's chunked pairwise distances may use (silhouette).
+_WORKING_MEMORY_MB = 256
 
 
 def _check_n_clusters(n_clusters, n):
-    _check_int(n_clusters, "n_clusters", 2)
+    check_int(n_clusters, "n_clusters", 2)
     if n_clusters > n:
         raise ValueError(f"n_clusters={n_clusters} is more than the number of points N={n}; "
                          "use fewer clusters or more points")
@@ -77,8 +52,8 @@ def reduce_pca(X, n_components=32, seed=0):
     Uses scikit-learn's "auto" solver: exact for small inputs, randomized (seeded by
     `seed`, so reproducible) for large ones.
     """
-    X = _as_matrix(X, "X")
-    _check_int(n_components, "n_components", 1)
+    X = as_matrix(X, "X")
+    check_int(n_components, "n_components", 1)
     k = min(n_components, X.shape[0] - 1, X.shape[1])
     pca = PCA(n_components=k, random_state=seed)
     Z = pca.fit_transform(X)
@@ -91,7 +66,7 @@ def reduce_pca(X, n_components=32, seed=0):
     return Z, info
 
 
-def reduce_gram(G, n_components=32):
+def reduce_gram(G, n_components=32, seed=0):
     """Exact PCA scores from a Gram matrix G[i, j] = <x_i, x_j> (linear-kernel PCA).
 
     Centres G as H G H with H = I - 11^T / N, takes its top-k eigenpairs and returns
@@ -101,30 +76,50 @@ def reduce_gram(G, n_components=32):
     Components beyond the rank of the data have eigenvalue 0 and all-zero scores.
     info = {"method": "gram_pca", "n_components": k, "input_shape": (N, N),
     "explained_variance_ratio": (k,) eigenvalue / trace of the centred G}.
-    Cost: a float64 copy of G (N^2 * 8 bytes) and an O(N^3) eigendecomposition, so
-    for N much beyond 1e4 prefer reduce_pca on the explicit matrix when D allows.
+    Up to _EXACT_GRAM_MAX rows: a float64 copy of G and LAPACK's eigh (O(N^3)). Above: no
+    copy of G; ARPACK (scipy eigsh, start vector seeded by `seed`) on the centred operator,
+    O(N^2) memory and time per iteration, the same eigenpairs to rounding.
     """
-    G = _as_matrix(G, "G")
+    G = as_matrix(G, "G")
     n = G.shape[0]
     if G.shape[1] != n:
         raise ValueError(f"G must be a square Gram matrix (N, N), got shape {G.shape}")
-    _check_int(n_components, "n_components", 1)
-    scale = float(np.abs(G).max())
-    asym = float(np.abs(G - G.T).max())
+    check_int(n_components, "n_components", 1)
+    scale, asym = 0.0, 0.0
+    for lo in range(0, n, _GRAM_CHECK_ROWS):  # by blocks of rows: no N x N temporaries
+        block = G[lo:lo + _GRAM_CHECK_ROWS]
+        scale = max(scale, float(np.abs(block).max()))
+        asym = max(asym, float(np.abs(block - G[:, lo:lo + _GRAM_CHECK_ROWS].T).max()))
     if asym > _GRAM_SYMMETRY_RTOL * scale:
         raise ValueError(f"G is not symmetric (max |G - G.T| = {asym:.3g}, max |G| = {scale:.3g}); pass X @ X.T")
     k = min(n_components, n - 1)
 
-    Gc = np.array(G, dtype=np.float64)
-    Gc += Gc.T
-    Gc *= 0.5
-    means = Gc.mean(axis=0)
-    Gc -= means[None, :]
-    Gc -= means[:, None]
-    Gc += means.mean()
-    total = float(np.trace(Gc))
+    if n <= _EXACT_GRAM_MAX:
+        Gc = np.array(G, dtype=np.float64)
+        Gc += Gc.T
+        Gc *= 0.5
+        means = Gc.mean(axis=0)
+        Gc -= means[None, :]
+        Gc -= means[:, None]
+        Gc += means.mean()
+        total = float(np.trace(Gc))
+        eigvals, eigvecs = scipy.linalg.eigh(Gc, subset_by_index=[n - k, n - 1], overwrite_a=True,
+                                             check_finite=False)
+    else:
+        means = G.mean(axis=0, dtype=np.float64)
+        grand = float(means.mean())
+        total = float(np.trace(G)) - n * grand
 
-    eigvals, eigvecs = scipy.linalg.eigh(Gc, subset_by_index=[n - k, n - 1], overwrite_a=True, check_finite=False)
+        def centred(v):  # H G H v for a symmetric G
+            v = v.reshape(n, -1)
+            s = v.sum(axis=0)
+            return G @ v - np.outer(np.ones(n), means @ v) - np.outer(means, s) + grand * np.outer(np.ones(n), s)
+
+        op = scipy.sparse.linalg.LinearOperator((n, n), matvec=centred, matmat=centred, dtype=np.float64)
+        v0 = np.random.default_rng(seed).standard_normal(n)
+        eigvals, eigvecs = scipy.sparse.linalg.eigsh(op, k=k, which="LA", v0=v0)
+        order = np.argsort(eigvals)
+        eigvals, eigvecs = eigvals[order], eigvecs[:, order]
     eigvals = np.clip(eigvals[::-1], 0.0, None)
     Z = eigvecs[:, ::-1] * np.sqrt(eigvals)
     signs = np.sign(Z[np.abs(Z).argmax(axis=0), np.arange(k)])
@@ -147,9 +142,9 @@ def cluster(Z, n_clusters, method, seed=0, n_init=10):
     features (~1e2). A mixture may leave components empty, so fewer than n_clusters
     distinct labels can come back. Both methods are deterministic for a fixed seed.
     """
-    Z = _as_matrix(Z, "Z")
+    Z = as_matrix(Z, "Z")
     _check_n_clusters(n_clusters, Z.shape[0])
-    _check_int(n_init, "n_init", 1)
+    check_int(n_init, "n_init", 1)
     if method == "kmeans":
         model = KMeans(n_clusters=n_clusters, n_init=n_init, random_state=seed)
     elif method == "gmm":
@@ -183,8 +178,8 @@ def hungarian_accuracy(labels_true, labels_pred):
     matrix; when the counts differ, points in unmatched clusters (or of unmatched
     classes) count as wrong.
     """
-    labels_true = _as_labels(labels_true, "labels_true")
-    labels_pred = _as_labels(labels_pred, "labels_pred", labels_true.shape[0])
+    labels_true = as_labels(labels_true, "labels_true")
+    labels_pred = as_labels(labels_pred, "labels_pred", labels_true.shape[0])
     if labels_true.shape[0] == 0:
         raise ValueError("labels_true is empty; pass at least one label")
     *_, rows, cols, counts = _match(labels_true, labels_pred)
@@ -197,8 +192,8 @@ def align_clusters(labels_true, labels_pred):
     labels_true: (N,) non-negative integer classes. Returns (N,) int64: a cluster matched
     to class c gets label c; unmatched clusters get max(labels_true) + 1, + 2, ...
     """
-    labels_true = _as_labels(labels_true, "labels_true")
-    labels_pred = _as_labels(labels_pred, "labels_pred", labels_true.shape[0])
+    labels_true = as_labels(labels_true, "labels_true")
+    labels_pred = as_labels(labels_pred, "labels_pred", labels_true.shape[0])
     if labels_true.shape[0] == 0:
         raise ValueError("labels_true is empty; pass at least one label")
     if not np.issubdtype(labels_true.dtype, np.integer) or labels_true.min() < 0:
@@ -222,11 +217,11 @@ def scores(labels_true, labels_pred, Z, *, silhouette_max_points=10_000, seed=0)
     O(N^2). None where undefined: a single cluster, or every point its own cluster.
     accuracy: hungarian_accuracy(labels_true, labels_pred).
     """
-    Z = _as_matrix(Z, "Z")
+    Z = as_matrix(Z, "Z")
     n = Z.shape[0]
-    labels_true = _as_labels(labels_true, "labels_true", n)
-    labels_pred = _as_labels(labels_pred, "labels_pred", n)
-    _check_int(silhouette_max_points, "silhouette_max_points", 2)
+    labels_true = as_labels(labels_true, "labels_true", n)
+    labels_pred = as_labels(labels_pred, "labels_pred", n)
+    check_int(silhouette_max_points, "silhouette_max_points", 2)
 
     subset = np.arange(n)
     if n > silhouette_max_points:
@@ -234,7 +229,8 @@ def scores(labels_true, labels_pred, Z, *, silhouette_max_points=10_000, seed=0)
     n_labels = len(np.unique(labels_pred[subset]))
     silhouette = None
     if 2 <= n_labels <= len(subset) - 1:
-        silhouette = float(silhouette_score(Z[subset], labels_pred[subset]))
+        with sklearn.config_context(working_memory=_WORKING_MEMORY_MB):
+            silhouette = float(silhouette_score(Z[subset], labels_pred[subset]))
     return {
         "ari": float(adjusted_rand_score(labels_true, labels_pred)),
         "nmi": float(normalized_mutual_info_score(labels_true, labels_pred)),
@@ -258,19 +254,19 @@ def cluster_and_score(
       reduction: the reduction's info dict; Z: (N, k) clustered scores;
       labels: {method: (N,) int64}; scores: {method: scores(...) dict}.
     """
-    X = _as_matrix(X, "gram" if gram else "X")
+    X = as_matrix(X, "gram" if gram else "X")
     n = X.shape[0]
-    labels_true = _as_labels(labels_true, "labels_true", n)
+    labels_true = as_labels(labels_true, "labels_true", n)
     methods = tuple(methods)
     if not methods or any(m not in METHODS for m in methods):
         raise ValueError(f"methods must be a non-empty subset of {METHODS}, got {methods!r}")
     if n_clusters is None:
         n_clusters = len(np.unique(labels_true))
     _check_n_clusters(n_clusters, n)
-    _check_int(n_init, "n_init", 1)
+    check_int(n_init, "n_init", 1)
 
     if gram:
-        Z, info = reduce_gram(X, n_components)
+        Z, info = reduce_gram(X, n_components, seed)
         description = f"exact PCA to {info['n_components']} dims from the Gram matrix of {name} ({n} x {n})"
     else:
         Z, info = reduce_pca(X, n_components, seed)

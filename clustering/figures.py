@@ -14,7 +14,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from .cluster import _as_matrix, _check_int, align_clusters, reduce_pca
+from .cluster import align_clusters, reduce_pca
+from .validate import as_labels, as_matrix, check_int
 
 _DPI = 100
 _PANEL_INCHES = 3.2
@@ -68,15 +69,6 @@ def _colours(ids, n):
     return matplotlib.colormaps["turbo"](ids / (n - 1))
 
 
-def _classes(labels, name, n):
-    labels = np.asarray(labels)
-    if labels.shape != (n,):
-        raise ValueError(f"{name} must have shape ({n},), got {labels.shape}; pass one label per image")
-    if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
-        raise ValueError(f"{name} must hold non-negative integer labels")
-    return labels
-
-
 def pca_grid(reps, labels_true, kmeans_labels, gmm_labels, path, title=None, class_names=None):
     """The paper's figure grid: 2-D PCA projections of each representation, coloured three ways.
 
@@ -97,19 +89,20 @@ def pca_grid(reps, labels_true, kmeans_labels, gmm_labels, path, title=None, cla
             keys = sorted(labels) if isinstance(labels, Mapping) else type(labels).__name__
             raise ValueError(f"{name} keys {keys} differ from reps keys {sorted(reps)}; "
                              "pass one labelling per representation")
-    coords = {name: _as_matrix(X, f"reps[{name!r}]") for name, X in reps.items()}
+    coords = {name: as_matrix(X, f"reps[{name!r}]") for name, X in reps.items()}
     labels_true = np.asarray(labels_true)
     n = labels_true.shape[0] if labels_true.ndim == 1 else -1
     for name, X in coords.items():
         if X.shape[0] != n:
             raise ValueError(f"reps[{name!r}] has {X.shape[0]} rows but labels_true has shape {labels_true.shape}; "
                              "pass one row and one label per image")
-    labels_true = _classes(labels_true, "labels_true", n)
+    labels_true = as_labels(labels_true, "labels_true", n, classes=True)
     if class_names is not None and len(class_names) <= labels_true.max():
         raise ValueError(f"class_names has {len(class_names)} names but labels_true goes up to {labels_true.max()}")
     rows = {name: (labels_true,
-                   align_clusters(labels_true, _classes(kmeans_labels[name], f"kmeans_labels[{name!r}]", n)),
-                   align_clusters(labels_true, _classes(gmm_labels[name], f"gmm_labels[{name!r}]", n)))
+                   align_clusters(labels_true,
+                                  as_labels(kmeans_labels[name], f"kmeans_labels[{name!r}]", n, classes=True)),
+                   align_clusters(labels_true, as_labels(gmm_labels[name], f"gmm_labels[{name!r}]", n, classes=True)))
             for name in reps}
 
     axis_labels = {}
@@ -164,10 +157,10 @@ def image_grid(images, labels, class_names, path, per_class=6, overlays=None, al
     if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.shape[0] == 0:
         raise ValueError(f"images must be (N, H, W, C) with N >= 1 and C in {{1, 3}}, got shape {images.shape}")
     n = images.shape[0]
-    labels = _classes(labels, "labels", n)
+    labels = as_labels(labels, "labels", n, classes=True)
     if len(class_names) <= labels.max():
         raise ValueError(f"class_names has {len(class_names)} names but labels go up to {labels.max()}")
-    _check_int(per_class, "per_class", 1)
+    check_int(per_class, "per_class", 1)
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     present = np.unique(labels)

@@ -9,19 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .cluster import _as_matrix, _check_int
-
-
-def _as_classes(labels, name, n=None):
-    """labels as a 1-D array of non-negative integer class indices, of length n when given."""
-    labels = np.asarray(labels)
-    if labels.ndim != 1:
-        raise ValueError(f"{name} must be 1-D (N,), got shape {labels.shape}")
-    if n is not None and labels.shape[0] != n:
-        raise ValueError(f"{name} has {labels.shape[0]} entries, expected {n}; pass one label per image")
-    if labels.size and (not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0):
-        raise ValueError(f"{name} must hold non-negative integer class indices")
-    return labels
+from .validate import as_labels, as_matrix, check_int
 
 
 def centroid_report(X, y, p):
@@ -48,9 +36,9 @@ def centroid_report(X, y, p):
       misclassified: (M,) int64 indices of the misclassified images;
       nearest: (M,) int64 nearest-centroid class per misclassified image, -1 if not scored.
     """
-    X = _as_matrix(X, "X")
-    y = _as_classes(y, "y", X.shape[0])
-    p = _as_classes(p, "p", X.shape[0])
+    X = as_matrix(X, "X")
+    y = as_labels(y, "y", X.shape[0], classes=True)
+    p = as_labels(p, "p", X.shape[0], classes=True)
 
     norms = np.linalg.norm(X, axis=1)
     nonzero = norms > 0
@@ -96,10 +84,10 @@ def confusion_pairs(y, p, top=10):
     Only pairs with true != pred; sorted by count descending, then by (true, pred).
     top=None returns all pairs.
     """
-    y = _as_classes(y, "y")
-    p = _as_classes(p, "p", y.shape[0])
+    y = as_labels(y, "y", classes=True)
+    p = as_labels(p, "p", y.shape[0], classes=True)
     if top is not None:
-        _check_int(top, "top", 1)
+        check_int(top, "top", 1)
     wrong = y != p
     pairs, counts = np.unique(np.stack([y[wrong], p[wrong]], axis=1), axis=0, return_counts=True)
     order = np.lexsort((pairs[:, 1], pairs[:, 0], -counts))[:top]
@@ -112,13 +100,13 @@ def most_confident_wrong(probs, y, top=10):
     probs: (N, C) class probabilities; the prediction is the argmax. Returns (<= top,)
     int64 indices into probs, most confident first (ties: lower index first).
     """
-    probs = _as_matrix(probs, "probs")
+    probs = as_matrix(probs, "probs")
     if probs.shape[1] < 2:
         raise ValueError(f"probs must have at least 2 classes (N, C), got shape {probs.shape}")
-    y = _as_classes(y, "y", probs.shape[0])
+    y = as_labels(y, "y", probs.shape[0], classes=True)
     if y.size and y.max() >= probs.shape[1]:
         raise ValueError(f"y has class {y.max()} but probs has only {probs.shape[1]} classes")
-    _check_int(top, "top", 1)
+    check_int(top, "top", 1)
     pred = probs.argmax(axis=1)
     confidence = probs[np.arange(len(pred)), pred]
     wrong = np.flatnonzero(pred != y)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse
 
+from .validate import as_labels, as_real_matrix
+
 _CHUNK_ROWS = 8192
 
 
@@ -44,7 +46,7 @@ def pairwise_cosine_summary(X, labels):
     non-finite values, zero rows (cosine undefined), a single class, or no class with
     two members.
     """
-    X = _as_real_matrix(X, "X")
+    X = as_real_matrix(X, "X")
     classes, inverse, counts = _class_index(labels, X.shape[0])
     norms = _row_norms(X)
     _check_norms(norms, "X", "rows of X are all zero; cosine similarity is undefined for them, drop them first")
@@ -67,7 +69,7 @@ def fc_gradient_deltas(probs, labels):
     (rows sum to 1); labels: (N,) integers in [0, C).
     """
     probs = _as_probs(probs)
-    labels = _as_labels(labels, probs.shape[0], "labels")
+    labels = as_labels(labels, probs.shape[0], "labels")
     if labels.size and (labels.min() < 0 or labels.max() >= probs.shape[1]):
         raise ValueError(f"labels must lie in [0, {probs.shape[1]}) to index the {probs.shape[1]} classes of probs")
     delta = probs.astype(np.result_type(probs.dtype, np.float32), copy=True)
@@ -202,31 +204,13 @@ def _summary(classes, counts, class_sq, total_sq):
 
 def _class_index(labels, n):
     """Return (classes, inverse, counts) for labels, checking that intra and inter are defined."""
-    labels = _as_labels(labels, n, "labels")
+    labels = as_labels(labels, n, "labels")
     classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
     if len(classes) < 2:
         raise ValueError("labels contain fewer than two classes; inter-class similarity needs at least two")
     if counts.max() < 2:
         raise ValueError("no class has two or more examples; intra-class similarity needs a same-class pair")
     return classes, inverse, counts
-
-
-def _as_labels(labels, n, name):
-    labels = np.asarray(labels)
-    if labels.shape != (n,):
-        raise ValueError(f"{name} must have shape ({n},) to match the data, got {labels.shape}")
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"{name} must be integers, got dtype {labels.dtype}; cast class ids to int")
-    return labels
-
-
-def _as_real_matrix(X, name):
-    X = np.asarray(X)
-    if X.ndim != 2 or X.shape[0] == 0 or X.shape[1] == 0:
-        raise ValueError(f"{name} must be a non-empty 2-D array (N, D), got shape {X.shape}")
-    if not (np.issubdtype(X.dtype, np.floating) or np.issubdtype(X.dtype, np.integer)):
-        raise ValueError(f"{name} must be a real numeric array, got dtype {X.dtype}")
-    return X
 
 
 def _row_norms(X):
@@ -244,7 +228,7 @@ def _check_norms(norms, name, zero_message):
 
 
 def _as_probs(probs):
-    probs = _as_real_matrix(probs, "probs")
+    probs = as_real_matrix(probs, "probs")
     if not np.isfinite(probs).all():
         raise ValueError("probs contains NaN or Inf; check the model outputs")
     row_sums = probs.sum(axis=1, dtype=np.float64)
@@ -258,7 +242,7 @@ def _as_probs(probs):
 
 def _features_and_deltas(features, probs, gradient_labels):
     """Validate features (N, d) and return them with delta (N, C)."""
-    features = _as_real_matrix(features, "features")
+    features = as_real_matrix(features, "features")
     if not np.isfinite(features).all():
         raise ValueError("features contains NaN or Inf; check the pooled activations")
     delta = fc_gradient_deltas(probs, gradient_labels)

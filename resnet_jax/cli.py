@@ -154,9 +154,12 @@ def info(ckpt):
 @click.option("--coordinator", default=None, help="With --distributed: address:port of process 0.")
 @click.option("--num-processes", type=int, default=None, help="With --distributed: number of processes.")
 @click.option("--process-id", type=int, default=None, help="With --distributed: this process's index.")
+@click.option("--save-gw", is_flag=True,
+              help="Also write the explicit N x (d*C + C) fc gradients (gw.npy); without it an fc store without "
+                   "projection keeps their exact factors (fm, logits, labels) and every reader uses those.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def extract(ckpt_dir, data_spec, out_dir, grad_params, label_source, project_dim, batch_size, limit, seed, force,
-            distributed, coordinator, num_processes, process_id, quiet):
+            distributed, coordinator, num_processes, process_id, save_gw, quiet):
     """Write per-example gradients (GW), probabilities (P), logits, features (FM), labels and ids."""
     _setup_jax()
     from . import extract as extraction
@@ -172,8 +175,9 @@ def extract(ckpt_dir, data_spec, out_dir, grad_params, label_source, project_dim
     manifest = extraction.run_extract(ckpt_dir, data_spec, out_dir, grad_params=grad_params,
                                       label_source=label_source, project_dim=project_dim, seed=seed,
                                       batch_size=batch_size, limit=limit, progress=not quiet, force=force,
-                                      process=process, log=click.echo)
-    click.echo(f"store {out_dir}: {manifest['n']} images, gw {manifest['n']} x {manifest['dim']} "
+                                      process=process, save_gw=save_gw, log=click.echo)
+    kept = "as rows" if "gw.npy" in manifest["files"] else "as its factors fm, logits and labels"
+    click.echo(f"store {out_dir}: {manifest['n']} images, gw {manifest['n']} x {manifest['dim']} {kept} "
                f"({manifest['run']['grad_params']}, {manifest['run']['label_source']} labels)")
 
 
@@ -185,22 +189,24 @@ def extract(ckpt_dir, data_spec, out_dir, grad_params, label_source, project_dim
               show_default=True, help="Stage whose output the maps are computed on.")
 @click.option("--method", type=click.Choice(["gradcam", "gradcampp"]), default="gradcam", show_default=True,
               help="Grad-CAM or Grad-CAM++.")
-@click.option("--target", type=click.Choice(["true", "predicted"]), default="true", show_default=True,
-              help="Class whose logit is explained.")
+@click.option("--label-source", "--target", "label_source", type=click.Choice(["true", "predicted"]), default="true",
+              show_default=True, help="Class whose logit is explained: the true label or the prediction "
+                                      "(--target is the older name).")
 @click.option("--limit", type=int, default=None, help="Only the first N images.")
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--max-pairs", default=2000, show_default=True,
               help="Same-class pairs of maps to compare (a seeded sample when there are more).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def gradcam(ckpt_dir, data_spec, out_dir, layer, method, target, limit, batch_size, max_pairs, seed, quiet):
+def gradcam(ckpt_dir, data_spec, out_dir, layer, method, label_source, limit, batch_size, max_pairs, seed, quiet):
     """Grad-CAM maps (cams.npy), agreement metrics (CSV/JSON) and an overlay grid (PNG)."""
     _setup_jax()
-    summary = pipeline().run_gradcam(ckpt_dir, data_spec, out_dir, layer=layer, method=method, target=target,
-                                     limit=limit, batch_size=batch_size, max_pairs=max_pairs, seed=seed,
-                                     progress=not quiet)
-    rows = pipeline().cam_metric_rows(summary)
-    click.echo(pipeline().markdown_table(rows, ("comparison", "metric", "mean", "std", "n", "undefined")))
+    from . import cams, tables
+
+    summary = cams.run_gradcam(ckpt_dir, data_spec, out_dir, layer=layer, method=method, label_source=label_source,
+                               limit=limit, batch_size=batch_size, max_pairs=max_pairs, seed=seed, progress=not quiet)
+    rows = cams.cam_metric_rows(summary)
+    click.echo(tables.markdown_table(rows, ("comparison", "metric", "mean", "std", "n", "undefined")))
     click.echo(f"{summary['n']} maps of {summary['data']} ({summary['degenerate_maps']} all-zero) compared with "
                f"{summary['compared_with']}; written to {out_dir}")
 
@@ -211,17 +217,16 @@ def gradcam(ckpt_dir, data_spec, out_dir, layer, method, target, limit, batch_si
 @click.option("--out", "out_prefix", default=None, help="Write OUT.csv and OUT.json beside the printed table.")
 def similarity(stores, cams_dirs, out_prefix):
     """Table 1: mean same-class cosine similarity of GW, P and FM (and Grad-CAM agreement)."""
-    from . import reproduce
+    from . import analysis, files, tables
 
-    p = pipeline()
-    rows, details = p.similarity_table(list(stores), list(cams_dirs) or None)
-    click.echo(reproduce.markdown_table_1(rows))
+    rows, details = analysis.similarity_table(list(stores), list(cams_dirs) or None)
+    click.echo(tables.markdown_table_1(rows))
     click.echo()
-    click.echo(p.markdown_table(rows, ["Model", *p.INTER_COLUMNS]))
+    click.echo(tables.markdown_table(rows, ["Model", *tables.INTER_COLUMNS]))
     if out_prefix:
         columns = list(dict.fromkeys(k for r in rows for k in r))
-        p.write_csv(out_prefix + ".csv", rows, columns)
-        p.write_json(out_prefix + ".json", {"rows": rows, "details": details})
+        files.write_csv(out_prefix + ".csv", rows, columns)
+        files.write_json(out_prefix + ".json", {"rows": rows, "details": details})
         click.echo(f"wrote {out_prefix}.csv and {out_prefix}.json")
 
 
@@ -272,24 +277,14 @@ def reproduce_cmd(models_text, data_spec, ckpts, out_dir, quick, limit, seed, fo
 def curvature(ckpt_dir, data_spec, limit, param_subset, iterations, probes, seed, json_path):
     """Top Hessian eigenvalue and trace of the loss, for correctly classified and misclassified images."""
     _setup_jax()
-    import numpy as np
+    from . import files, hessian, tables
 
-    from . import checkpoint, data, hessian
-
-    ckpt = checkpoint.load(ckpt_dir)
-    ds = data.load_for_checkpoint(data_spec, ckpt.meta, seed=seed)
-    if limit is not None and limit < 1:
-        raise UserError(f"--limit must be at least 1, got {limit}")
-    batch = ds.take(np.arange(min(len(ds), limit or len(ds))))
-    report = hessian.curvature_report(ckpt.model, ckpt.variables, batch.images, batch.labels, params=param_subset,
-                                      n_iter=iterations, n_samples=probes, seed=seed)
-    rows = [{"group": name, **{k: g.get(k) for k in ("count", "loss", "top_eigenvalue", "trace", "trace_stderr")}}
-            for name, g in report["groups"].items()]
-    click.echo(pipeline().markdown_table(rows, ("group", "count", "loss", "top_eigenvalue", "trace", "trace_stderr")))
-    click.echo(f"Hessian of the mean loss w.r.t. {report['params']} ({report['n_params']:,} parameters), "
-               f"{report['n_images']} images of {ds.spec}, accuracy {report['accuracy']:.4f}")
+    report, rows, note = hessian.curvature_of_checkpoint(ckpt_dir, data_spec, limit, param_subset, iterations,
+                                                         probes, seed)
+    click.echo(tables.markdown_table(rows, ("group", "count", "loss", "top_eigenvalue", "trace", "trace_stderr")))
+    click.echo(note)
     if json_path:
-        pipeline().write_json(json_path, report)
+        files.write_json(json_path, report)
 
 
 @cli.group()
@@ -299,8 +294,9 @@ def bench():
 
 def _print_bench(title: str, rows: list[tuple[str, float, str]]) -> None:
     click.echo(f"## {title}")
-    click.echo(pipeline().markdown_table([{"work": w, "value": v, "ratio": r} for w, v, r in rows],
-                                         ("work", "value", "ratio"), 2))
+    from .tables import markdown_table
+
+    click.echo(markdown_table([{"work": w, "value": v, "ratio": r} for w, v, r in rows], ("work", "value", "ratio"), 2))
 
 
 @bench.command("grads")
@@ -317,16 +313,16 @@ def bench_grads_cmd(model, size, batch, vmap_batch, loop_n, project_dim, steps, 
     _setup_jax()
     import jax
 
-    from . import grads
+    from . import bench as benchmarks
 
-    result = grads.bench_grads(model, size, batch=batch, vmap_batch=vmap_batch, loop_n=loop_n,
+    result = benchmarks.bench_grads(model, size, batch=batch, vmap_batch=vmap_batch, loop_n=loop_n,
                                project_dim=project_dim, steps=steps, log=click.echo)
     rates, ratios = result["samples_per_s"], result["ratios"]
     rows = [(f"{k} (samples/s)", v, "") for k, v in rates.items()]
     rows += [(f"ratio {k}", v, "") for k, v in ratios.items()]
     _print_bench(f"{model} {size}px on {jax.devices()[0].device_kind} x{jax.device_count()}", rows)
     if json_path:
-        pipeline().write_json(json_path, result)
+        _write_json(json_path, result)
 
 
 @bench.command("gradcam")
@@ -345,11 +341,10 @@ def bench_gradcam_cmd(model, size, batch, steps, layer, similarity_n, similarity
 
     from metrics import similarity
 
-    from . import gradcam, models
+    from . import bench as benchmarks, models
 
     net = models.create(model, 1000)
-    variables = models.init(net, jax.random.key(0), size)
-    cam = gradcam.bench_gradcam(net, variables, batch, size, steps=steps, layer=layer)
+    cam = benchmarks.bench_gradcam(net, benchmarks.random_variables(net, size), batch, size, steps=steps, layer=layer)
     sim = similarity.benchmark_similarity(n=similarity_n, d=similarity_d, n_brute=min(5000, similarity_n))
     _print_bench(f"{model} {size}px batch {batch} on {jax.devices()[0].device_kind}", [
         ("forward (images/s)", cam["forward_images_per_s"], ""),
@@ -358,7 +353,7 @@ def bench_gradcam_cmd(model, size, batch, steps, layer, similarity_n, similarity
         (f"similarity {sim['n_brute']:,} x {similarity_d} (s)", sim["fast_small_s"], ""),
         (f"brute force {sim['n_brute']:,} x {similarity_d} (s)", sim["brute_s"], f"{sim['speedup']:.0f} x slower")])
     if json_path:
-        pipeline().write_json(json_path, {"gradcam": cam, "similarity": sim})
+        _write_json(json_path, {"gradcam": cam, "similarity": sim})
 
 
 @bench.command("train")
@@ -375,27 +370,26 @@ def bench_train_cmd(model, size, batch, grad_align, grad_mi, steps, hvp_params, 
     _setup_jax()
     import jax
 
-    from . import align, hessian
+    from . import bench as benchmarks
 
-    tr = align.bench_train(model, size, batch, lambda_align=grad_align, lambda_mi=grad_mi, n_iter=steps)
-    hv = hessian.bench_hvp(model_name=model, image_size=size, batch_size=batch, params=hvp_params, n_iter=steps)
+    tr = benchmarks.bench_train(model, size, batch, lambda_align=grad_align, lambda_mi=grad_mi, n_iter=steps)
+    hv = benchmarks.bench_hvp(model_name=model, image_size=size, batch_size=batch, params=hvp_params, n_iter=steps)
     _print_bench(f"{model} {size}px batch {batch} on {jax.devices()[0].device_kind}", [
         ("plain step (samples/s)", tr["plain_samples_per_s"], ""),
         ("aligned step (samples/s)", tr["aligned_samples_per_s"], f"{tr['ratio']:.2f} x plain step time"),
         ("gradient (s)", hv["grad_s"], ""),
         ("HVP (s)", hv["hvp_s"], f"{hv['ratio']:.2f} x gradient")])
     if json_path:
-        pipeline().write_json(json_path, {"train": tr, "hvp": hv})
+        _write_json(json_path, {"train": tr, "hvp": hv})
 
 
 MODELS_DEFAULT = "resnet18,resnet34,resnet50,resnet101,resnet152"
 
 
-def pipeline():
-    """Returns the pipeline module (imported on first use, so --help stays fast)."""
-    from . import pipeline as module
+def _write_json(path, obj) -> None:
+    from .files import write_json
 
-    return module
+    write_json(path, obj)
 
 
 def main(argv=None) -> None:

@@ -4,7 +4,12 @@ A store is a directory::
 
     manifest.json     what was run ("run": the fields that identify it), N, D, shapes, versions, and
                       "complete": true only once every array below is in place
-    gw.npy            (N, D) float32 per-example gradients (D = k with a projection)
+    gw.npy            (N, D) float32 per-example gradients (D = k with a projection); not written for
+                      fc gradients without projection unless `save_gw`: those are kept as their exact
+                      factors fm, logits and the labels of the loss (labels.npy for label source
+                      "true", preds.npy for "predicted"): manifest "gw" is "factors" (readers use the
+                      factors, exact in float64, also when gw.npy was saved) or "rows";
+                      `analysis.Representations` reads either
     p.npy             (N, C) float32 softmax probabilities
     logits.npy        (N, C) float32
     fm.npy            (N, d) float32 pooled layer4 features (the fc input)
@@ -30,7 +35,6 @@ complete identical store is left as it is (`force=True` rebuilds either).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import time
@@ -39,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from . import files
 from .errors import UserError
 
 STORE_FORMAT = "resnet-jax-store/1"
@@ -59,24 +64,6 @@ def _versions() -> dict:
     except metadata.PackageNotFoundError:
         own = "unknown"
     return {"jax": jax.__version__, "flax": flax.__version__, "numpy": np.__version__, "resnet-jax": own}
-
-
-def _write_atomic(path: str, write) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _write_json(path: str, obj) -> None:
-    _write_atomic(path, lambda f: f.write(json.dumps(obj, indent=1, sort_keys=True).encode()))
-
-
-def _read_json(path: str):
-    with open(path) as f:
-        return json.load(f)
 
 
 def _digest(ids, labels) -> str:
@@ -130,10 +117,11 @@ def _shard_path(out_dir: str, i: int) -> str:
     return os.path.join(out_dir, "shards", f"{i:05d}.npz")
 
 
-def _valid_shard(path: str, rows: int, dim: int) -> bool:
+def _valid_shard(path: str, rows: int, dim: int | None) -> bool:
+    """Whether a shard holds `rows` rows (and gw rows of `dim` columns unless dim is None)."""
     try:
         with np.load(path) as z:
-            return z["gw"].shape == (rows, dim) and len(z["ids"]) == rows
+            return len(z["fm"]) == rows and len(z["ids"]) == rows and (dim is None or z["gw"].shape == (rows, dim))
     except Exception:  # unreadable: recompute it
         return False
 
@@ -143,23 +131,26 @@ def run_extract(ckpt_dir: str, data_spec, out_dir: str, grad_params: str = "fc",
                 progress: bool = True, *, force: bool = False, split: str | None = None,
                 process: tuple[int, int] | None = None, projection: str = "rademacher",
                 max_grad_floats: int | None = None, method: str = "auto", stop_after_shards: int | None = None,
-                data_seed: int = 0, log=print) -> dict:
+                data_seed: int = 0, save_gw: bool = False, loaded=None, log=print) -> dict:
     """Extracts into the store `out_dir` (see the module docstring) and returns its manifest.
 
     `data_spec` is a data spec ("digits:test", "folder:PATH", "tfds:NAME:SPLIT") or a loaded
     `data.Dataset`. `process=(index, count)` extracts only that process's slice (multi-host).
     `stop_after_shards` (tests) stops with an exception after writing that many shards. `data_seed`
     is the seed of seeded sources (digits placement and noise); `seed` is the projection's.
+    `save_gw` also writes the explicit fc gradient rows when they are kept as factors; `loaded` is
+    the already restored `checkpoint.Checkpoint` of `ckpt_dir` (else it is restored here).
     """
-    from . import checkpoint, grads, models
+    from . import checkpoint, grads, models, params
+    from .projection import Projection
 
     _check_args(grad_params, label_source, project_dim, batch_size, limit, process)
     batch_size = int(batch_size)
-    ckpt = checkpoint.load(ckpt_dir)
+    ckpt = checkpoint.load(ckpt_dir) if loaded is None else loaded
     meta = ckpt.meta
     ds = _open_data(data_spec, split, meta, data_seed)
     model = models.create(meta["model"], meta["num_classes"], meta.get("stem", "standard"))
-    lay = grads.layout(ckpt.variables["params"], grad_params)
+    lay = params.layout(ckpt.variables["params"], grad_params)
 
     n_all = len(ds)
     lo, hi = 0, n_all
@@ -178,8 +169,10 @@ def run_extract(ckpt_dir: str, data_spec, out_dir: str, grad_params: str = "fc",
     if label_source == "true" and (labels.min() < 0 or labels.max() >= C):
         raise UserError(f"{getattr(ds, 'spec', data_spec)} has label {int(labels.max() if labels.max() >= C else labels.min())}"
                         f" but the model has {C} classes: use label source 'predicted' or data with the model's classes")
-    proj = None if project_dim is None else grads.Projection(int(project_dim), int(seed), projection)
+    proj = None if project_dim is None else Projection(int(project_dim), int(seed), projection)
     dim = lay.dim if proj is None else proj.dim
+    factors = proj is None and set(lay.paths) == {"fc/kernel", "fc/bias"}
+    arrays = [a for a in ARRAYS if a != "gw" or save_gw or not factors]
     run = {
         "model": meta["model"], "num_classes": int(meta["num_classes"]), "stem": meta.get("stem", "standard"),
         "image_size": int(meta["image_size"]), "normalization": meta.get("normalization", "none"),
@@ -194,6 +187,8 @@ def run_extract(ckpt_dir: str, data_spec, out_dir: str, grad_params: str = "fc",
         "data_size": int(n_all), "data_digest": _digest(ids, labels),
         "grad_paths_digest": hashlib.sha256("\n".join(lay.paths).encode()).hexdigest(),
     }
+    if save_gw:
+        run["save_gw"] = True
     man_path = os.path.join(out_dir, "manifest.json")
     shard_dir = os.path.join(out_dir, "shards")
     # Rows per shard (and per loaded batch): batch_size, fewer when a batch's gradients would not fit
@@ -202,7 +197,7 @@ def run_extract(ckpt_dir: str, data_spec, out_dir: str, grad_params: str = "fc",
     n_shards = -(-n // rows_per_shard)
 
     if os.path.exists(man_path):
-        old = _read_json(man_path)
+        old = files.read_json(man_path)
         if old.get("format") != STORE_FORMAT:
             raise UserError(f"{out_dir} holds a manifest.json that is not an extract store's: choose another directory")
         if force:
@@ -224,15 +219,15 @@ def run_extract(ckpt_dir: str, data_spec, out_dir: str, grad_params: str = "fc",
         "layout": lay.to_json(), "class_names": [str(c) for c in getattr(ds, "class_names", meta["class_names"])],
         "model_class_names": [str(c) for c in meta.get("class_names", [])],
         "shards": {"count": n_shards, "rows": rows_per_shard}, "versions": _versions(),
-        "rows": [lo, hi],
+        "rows": [lo, hi], "gw": "factors" if factors else "rows",
     }
     if not os.path.exists(man_path):
-        _write_json(man_path, manifest)
+        files.write_json(man_path, manifest, sort_keys=True)
 
     # Resume after the leading run of valid shards.
     done = 0
     while done < n_shards and os.path.exists(_shard_path(out_dir, done)) and _valid_shard(
-            _shard_path(out_dir, done), min(rows_per_shard, n - done * rows_per_shard), dim):
+            _shard_path(out_dir, done), min(rows_per_shard, n - done * rows_per_shard), dim if "gw" in arrays else None):
         done += 1
     for name in os.listdir(shard_dir):  # leftovers of a killed write
         if ".tmp-" in name:
@@ -262,9 +257,10 @@ def run_extract(ckpt_dir: str, data_spec, out_dir: str, grad_params: str = "fc",
                     raise UserError(f"the data set returned ids {bids[:2]}... at row {first}, expected "
                                     f"{ids[first:first + 2]}...: its order is not deterministic")
                 out = fn(images, blabels, bids)
-                arrays = {"gw": out["gw"], "p": out["probs"], "logits": out["logits"], "fm": out["fm"],
-                          "labels": blabels, "preds": out["preds"].astype(np.int32), "ids": np.asarray(bids)}
-                _write_atomic(_shard_path(out_dir, shard), lambda f: np.savez(f, **arrays))
+                values = {"gw": out["gw"], "p": out["probs"], "logits": out["logits"], "fm": out["fm"],
+                          "labels": blabels, "preds": out["preds"].astype(np.int32)}
+                values = {**{a: values[a] for a in arrays}, "ids": np.asarray(bids)}
+                files.write_atomic(_shard_path(out_dir, shard), lambda f: np.savez(f, **values))
                 shard += 1
                 written += 1
                 bar.update(rows)
@@ -276,10 +272,10 @@ def run_extract(ckpt_dir: str, data_spec, out_dir: str, grad_params: str = "fc",
             raise UserError(f"the data set ended after {shard * rows_per_shard} of {n} rows: it changed while "
                             f"extracting; run again with a fresh output directory")
 
-    _assemble(out_dir, n, n_shards, rows_per_shard, ids)
-    manifest.update({"complete": True, "shapes": _shapes(out_dir), "seconds": round(time.time() - t0, 3),
-                     "files": [f"{a}.npy" for a in ARRAYS] + ["ids.json"]})
-    _write_json(man_path, manifest)
+    _assemble(out_dir, arrays, n, n_shards, rows_per_shard, ids)
+    manifest.update({"complete": True, "shapes": _shapes(out_dir, arrays), "seconds": round(time.time() - t0, 3),
+                     "files": [f"{a}.npy" for a in arrays] + ["ids.json"]})
+    files.write_json(man_path, manifest, sort_keys=True)
     shutil.rmtree(shard_dir, ignore_errors=True)
     return manifest
 
@@ -292,9 +288,9 @@ def _clear(out_dir: str) -> None:
     shutil.rmtree(os.path.join(out_dir, "shards"), ignore_errors=True)
 
 
-def _assemble(out_dir: str, n: int, n_shards: int, rows_per_shard: int, ids: list[str]) -> None:
+def _assemble(out_dir: str, arrays, n: int, n_shards: int, rows_per_shard: int, ids: list[str]) -> None:
     first = np.load(_shard_path(out_dir, 0))
-    for name in ARRAYS:
+    for name in arrays:
         a0 = first[name]
         path = os.path.join(out_dir, f"{name}.npy")
         tmp = f"{path}.tmp-{os.getpid()}"
@@ -308,29 +304,31 @@ def _assemble(out_dir: str, n: int, n_shards: int, rows_per_shard: int, ids: lis
             os.fsync(f.fileno())
         os.replace(tmp, path)
     first.close()
-    _write_json(os.path.join(out_dir, "ids.json"), ids)
+    files.write_json(os.path.join(out_dir, "ids.json"), ids)
 
 
-def _shapes(out_dir: str) -> dict:
+def _shapes(out_dir: str, arrays) -> dict:
     shapes = {}
-    for name in ARRAYS:
+    for name in arrays:
         a = np.load(os.path.join(out_dir, f"{name}.npy"), mmap_mode="r")
         shapes[name] = {"shape": list(a.shape), "dtype": str(a.dtype)}
     return shapes
 
 
 def load_store(out_dir: str, mmap: bool = True) -> dict[str, Any]:
-    """Returns {"gw", "p", "logits", "fm", "labels", "preds": arrays, "ids": list, "manifest": dict}."""
+    """Returns {"gw", "p", "logits", "fm", "labels", "preds": arrays, "ids": list, "manifest": dict};
+    "gw" is None when the store keeps the fc gradients as factors (manifest "gw": "factors"): read GW
+    through `analysis.Representations.from_store`."""
     man_path = os.path.join(out_dir, "manifest.json")
     if not os.path.exists(man_path):
         raise UserError(f"{out_dir} is not an extract store (no manifest.json): run 'resnet-jax extract' first")
-    manifest = _read_json(man_path)
+    manifest = files.read_json(man_path)
     if manifest.get("format") != STORE_FORMAT:
         raise UserError(f"{out_dir}/manifest.json is not an extract store's: point to a store written by extract")
     if not manifest.get("complete"):
         raise UserError(f"store {out_dir} is incomplete: run extract again to finish it")
     out: dict[str, Any] = {name: np.load(os.path.join(out_dir, f"{name}.npy"), mmap_mode="r" if mmap else None)
-                           for name in ARRAYS}
-    out["ids"] = _read_json(os.path.join(out_dir, "ids.json"))
+                           if os.path.exists(os.path.join(out_dir, f"{name}.npy")) else None for name in ARRAYS}
+    out["ids"] = files.read_json(os.path.join(out_dir, "ids.json"))
     out["manifest"] = manifest
     return out

@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from . import pipeline
+from . import analysis, files, tables
 from .errors import UserError
 from .models import MODEL_NAMES
 
@@ -33,11 +33,6 @@ DEFAULT_SETTINGS = {
     "resnet152": {"batch_size": 16, "learning_rate": 1e-3, "images_per_epoch": 320},
 }
 QUICK = {"models": ("resnet18",), "epochs": 3, "limit": 200}
-SPACES = ("GW", "P", "FM")
-CONTROL = "GW_pred"
-SPACE_NAMES = {"GW": "Gradient Weights", "P": "Final Predictions", "FM": "Feature Maps",
-               "GW_pred": "Gradient Weights (predicted labels)"}
-REPORT_SPACES = ("GW", "GW_pred", "FM", "P")
 
 
 def parse_models(text: str) -> list[str]:
@@ -86,19 +81,19 @@ def run(models: list[str], data_spec: str = "digits", ckpts: dict | None = None,
     _prepare_out_dir(out_dir, config, force)
     started = time.perf_counter()
     results = {"config": config, "models": {}, "timings": {}}
-    per_model = {}
+    per_model, loaded = {}, {}
     runs = [(m, m, 0.0, 0.0) for m in models]
     if aligned:
         runs = [r for m in models for r in ((m, m, 0.0, 0.0), (f"{m}+align", m, grad_align, grad_mi))]
     for i, (name, arch, lam1, lam2) in enumerate(runs):
         log(f"[{i + 1}/{len(runs)}] {name}")
-        per_model[name] = _run_model(name, arch, base_spec, ckpts.get(name), epochs.get(arch), out_dir, limit, seed,
-                                     lam1, lam2, progress, log)
+        per_model[name], loaded[name] = _run_model(name, arch, base_spec, ckpts.get(name), epochs.get(arch), out_dir,
+                                                   limit, seed, lam1, lam2, progress, log)
         results["timings"][name] = per_model[name].pop("timings")
     results["models"] = per_model
-    _figures_and_tables(results, out_dir, base_spec, seed, log)
+    _figures_and_tables(results, loaded, out_dir, log)
     results["timings"]["total_seconds"] = round(time.perf_counter() - started, 1)
-    pipeline.write_json(os.path.join(out_dir, "results.json"), results)
+    files.write_json(os.path.join(out_dir, "results.json"), results)
     return results
 
 
@@ -134,12 +129,14 @@ def _prepare_out_dir(out_dir: str, config: dict, force: bool) -> None:
     elif os.path.isdir(out_dir) and os.listdir(out_dir):
         raise UserError(f"{out_dir} exists and holds no reproduce results: pass another --out or remove it")
     os.makedirs(os.path.join(out_dir, "figures"), exist_ok=True)
-    pipeline.write_json(path, config)
+    files.write_json(path, config)
 
 
 def _run_model(name, arch, base_spec, ckpt_dir, epochs, out_dir, limit, seed, grad_align, grad_mi, progress,
-               log) -> dict:
-    from . import checkpoint, extract, train
+               log) -> tuple[dict, dict]:
+    """Trains (or reuses) one model and computes its results; returns (results, loaded): `loaded`
+    holds the objects the figures reuse ("ds" the held-out Dataset, "cams", "meta")."""
+    from . import cams as camstore, checkpoint, data, extract, train
 
     run_dir = os.path.join(out_dir, "runs", name)
     timings = {}
@@ -150,85 +147,58 @@ def _run_model(name, arch, base_spec, ckpt_dir, epochs, out_dir, limit, seed, gr
                                    augment_shift=4, grad_align=grad_align, grad_mi=grad_mi)
         # held_out=False: the held-out accuracy comes from the store, whose pass runs the same images.
         train.fit(config, ckpt_dir, progress=progress, log=lambda s: log("  " + s), held_out=False)
-    accuracy = checkpoint.load_meta(ckpt_dir).get("test_accuracy")
+    ckpt = checkpoint.load(ckpt_dir)
+    ds = data.load_for_checkpoint(base_spec, ckpt.meta, seed=seed)
     timings["train"] = round(time.perf_counter() - t, 1)
 
     t = time.perf_counter()
     store_dir = os.path.join(run_dir, "store")
-    extract.run_extract(ckpt_dir, base_spec, store_dir, limit=limit, data_seed=seed, progress=progress,
+    extract.run_extract(ckpt_dir, ds, store_dir, limit=limit, data_seed=seed, progress=progress, loaded=ckpt,
                         log=lambda s: log("  " + s))
     timings["extract"] = round(time.perf_counter() - t, 1)
 
     t = time.perf_counter()
     cams_dir = os.path.join(run_dir, "gradcam")
-    cams = _cached_cams(cams_dir, ckpt_dir, limit)
+    cams = _cached_cams(cams_dir, ckpt_dir, ckpt.step, limit)
     if cams is None:
-        pipeline.run_gradcam(ckpt_dir, base_spec, cams_dir, limit=limit, seed=seed, progress=progress)
-        cams = pipeline.load_cams(cams_dir)
+        camstore.run_gradcam(ckpt_dir, ds, cams_dir, limit=limit, seed=seed, progress=progress, loaded=ckpt)
+        cams = camstore.load_cams(cams_dir)
     timings["gradcam"] = round(time.perf_counter() - t, 1)
 
     t = time.perf_counter()
-    store = extract.load_store(store_dir)
-    table1 = pipeline.table1_row(name, store, cams)
-    rep = pipeline.representations(store)
-    clusters, report = _cluster_and_report(rep, seed)
+    rep = analysis.Representations.from_store(extract.load_store(store_dir))
+    table1 = analysis.table1_row(name, rep, cams)
+    clusters = analysis.cluster_spaces(rep, seed)
+    report = analysis.misclassification_report(rep)
     timings["analysis"] = round(time.perf_counter() - t, 1)
-    accuracy_heldout = float(np.mean(rep["labels"] == rep["preds"]))
+    accuracy_heldout = float(np.mean(rep.labels == rep.preds))
     log(f"  held-out accuracy {accuracy_heldout:.4f}; Cos_Sim GW {table1['row']['Cos_Sim_GW']:.3f} "
         f"P {table1['row']['Cos_Sim_P']:.3f} FM {table1['row']['Cos_Sim_FM']:.3f}; KMeans ARI GW "
         f"{clusters['GW']['scores']['kmeans']['ari']:.2f} P {clusters['P']['scores']['kmeans']['ari']:.2f} "
         f"FM {clusters['FM']['scores']['kmeans']['ari']:.2f}")
-    return {"checkpoint": os.path.abspath(ckpt_dir), "store": os.path.abspath(store_dir),
-            "gradcam_dir": os.path.abspath(cams_dir), "checkpoint_test_accuracy": accuracy,
-            "accuracy": accuracy_heldout, "n": int(len(rep["labels"])), "table1": table1["row"],
-            "cosine": table1["summaries"], "gw_kind": table1["gw_kind"], "gradcam": cams["summary"],
-            "clustering": clusters, "misclassified": report, "timings": timings}
+    result = {"checkpoint": os.path.abspath(ckpt_dir), "store": os.path.abspath(store_dir),
+              "gradcam_dir": os.path.abspath(cams_dir), "checkpoint_test_accuracy": ckpt.meta.get("test_accuracy"),
+              "accuracy": accuracy_heldout, "n": int(len(rep.labels)), "table1": table1["row"],
+              "cosine": table1["summaries"], "gw_kind": table1["gw_kind"], "gradcam": cams["summary"],
+              "clustering": clusters, "misclassified": report, "timings": timings}
+    return result, {"ds": ds, "cams": cams, "meta": ckpt.meta}
 
 
-def _cached_cams(cams_dir, ckpt_dir, limit):
+def _cached_cams(cams_dir, ckpt_dir, step, limit):
     """Returns the Grad-CAM results in cams_dir if they were computed from this checkpoint step and limit."""
-    from . import checkpoint
+    from . import cams as camstore
 
     try:
-        cams = pipeline.load_cams(cams_dir)
+        cams = camstore.load_cams(cams_dir)
     except UserError:
         return None
     summary = cams["summary"]
-    same = (summary.get("checkpoint") == os.path.abspath(ckpt_dir)
-            and summary.get("checkpoint_step") == checkpoint.latest_step(ckpt_dir)
+    same = (summary.get("checkpoint") == os.path.abspath(ckpt_dir) and summary.get("checkpoint_step") == step
             and summary.get("limit") == limit)
     return cams if same else None
 
 
-def _cluster_and_report(rep: dict, seed: int):
-    from clustering import cluster, misclassified
-
-    labels, preds = rep["labels"], rep["preds"]
-    unit = pipeline.unit_rows
-    spaces = {"GW": (pipeline.unit_gram(pipeline.gw_gram(rep, labels)), True) if rep["gw_kind"] == "kronecker"
-              else (unit(rep["gw"]), False), "P": (unit(rep["p"]), False), "FM": (unit(rep["fm"]), False)}
-    if rep["gw_kind"] == "kronecker":
-        spaces[CONTROL] = (pipeline.unit_gram(pipeline.gw_gram(rep, preds)), True)
-    clusters = {}
-    for space, (X, gram) in spaces.items():
-        result = cluster.cluster_and_score(X, labels, name=f"unit-length {space}", gram=gram, seed=seed)
-        clusters[space] = {"description": result["description"], "clusterers": result["clusterers"],
-                           "scores": result["scores"], "labels": {m: v.tolist() for m, v in result["labels"].items()},
-                           "coords2d": np.asarray(result["Z"][:, :2]).round(6).tolist()}
-    report = {"n_misclassified": int(np.sum(labels != preds)),
-              "confusion_pairs": misclassified.confusion_pairs(labels, preds, top=10),
-              "most_confident_wrong": misclassified.most_confident_wrong(rep["probs64"], labels, top=8).tolist(),
-              "nearest_centroid": {}}
-    rows = {"GW": pipeline.gw_rows(rep, labels), "FM": rep["fm"], "P": rep["p"]}
-    if rep["gw_kind"] == "kronecker":
-        rows[CONTROL] = pipeline.gw_rows(rep, preds)
-    for space, X in rows.items():
-        r = misclassified.centroid_report(X, labels, preds)
-        report["nearest_centroid"][space] = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in r.items()}
-    return clusters, report
-
-
-def _figures_and_tables(results: dict, out_dir: str, base_spec: str, seed: int, log) -> None:
+def _figures_and_tables(results: dict, loaded: dict, out_dir: str, log) -> None:
     from clustering import figures
 
     fig_dir = os.path.join(out_dir, "figures")
@@ -237,7 +207,7 @@ def _figures_and_tables(results: dict, out_dir: str, base_spec: str, seed: int, 
     for name, res in results["models"].items():
         cl = res["clustering"]
         spaces = [s for s in ("GW", "FM", "P") if s in cl]
-        labels = np.asarray(pipeline.load_cams(res["gradcam_dir"])["labels"])
+        labels = np.asarray(loaded[name]["cams"]["labels"])
         path = figures.pca_grid({s: np.asarray(cl[s]["coords2d"]) for s in spaces}, labels,
                                 {s: np.asarray(cl[s]["labels"]["kmeans"]) for s in spaces},
                                 {s: np.asarray(cl[s]["labels"]["gmm"]) for s in spaces},
@@ -249,183 +219,37 @@ def _figures_and_tables(results: dict, out_dir: str, base_spec: str, seed: int, 
         written.append(overlay)
         wrong = res["misclassified"]["most_confident_wrong"]
         if wrong:
-            written.append(_wrong_figure(res, wrong, os.path.join(fig_dir, f"{name}_misclassified.png"), seed))
-    first = results["models"][models[0]]
-    written.append(_samples_figure(first, base_spec, os.path.join(fig_dir, "samples.png"), seed))
+            written.append(_wrong_figure(loaded[name], wrong, os.path.join(fig_dir, f"{name}_misclassified.png")))
+    written.append(_samples_figure(loaded[models[0]], os.path.join(fig_dir, "samples.png")))
     results["figures"] = [os.path.relpath(p, out_dir) for p in written]
-    text = tables_markdown(results)
-    pipeline._write_text(os.path.join(out_dir, "tables.md"), text)
-    for name, rows, columns in table_csvs(results):
-        pipeline.write_csv(os.path.join(out_dir, name), rows, columns)
+    text = tables.tables_markdown(results)
+    files.write_text(os.path.join(out_dir, "tables.md"), text)
+    for name, rows, columns in tables.table_csvs(results):
+        files.write_csv(os.path.join(out_dir, name), rows, columns)
     log(text)
 
 
-def _open_for(res: dict, base_spec: str, seed: int):
-    from . import checkpoint, data
-
-    meta = checkpoint.load_meta(res["checkpoint"])
-    return data.load_for_checkpoint(base_spec, meta, seed=seed), meta
-
-
-def _wrong_figure(res, indices, path, seed):
+def _wrong_figure(loaded, indices, path):
     from clustering import figures
 
-    ds, meta = _open_for(res, res["gradcam"]["data"], seed)
-    batch = ds.take(indices)
-    cams = pipeline.load_cams(res["gradcam_dir"])
+    batch = loaded["ds"].take(indices)
+    cams = loaded["cams"]
     preds = np.asarray(cams["preds"])[indices]
-    names = meta["class_names"]
+    names = loaded["meta"]["class_names"]
     title = "most confidently wrong (row: true class; " + ", ".join(
         f"{names[t]}->{names[p]}" for t, p in zip(batch.labels, preds)) + ")"
     return figures.image_grid(batch.images, batch.labels, names, path, per_class=len(indices),
                               overlays=np.asarray(cams["cams"])[indices], title=title)
 
 
-def _samples_figure(res, base_spec, path, seed):
+def _samples_figure(loaded, path):
     from clustering import figures
 
-    ds, meta = _open_for(res, res["gradcam"]["data"], seed)
+    from .cams import FIGURE_CLASSES
+
+    ds = loaded["ds"]
     labels = np.asarray(ds.labels)
-    indices = [int(i) for c in range(min(ds.num_classes, pipeline.FIGURE_CLASSES))
-               for i in np.flatnonzero(labels == c)[:6]]
+    indices = [int(i) for c in range(min(ds.num_classes, FIGURE_CLASSES)) for i in np.flatnonzero(labels == c)[:6]]
     batch = ds.take(indices)
-    return figures.image_grid(batch.images, batch.labels, meta["class_names"], path, per_class=6,
+    return figures.image_grid(batch.images, batch.labels, loaded["meta"]["class_names"], path, per_class=6,
                               title=f"samples of {ds.spec}")
-
-
-# ----------------------------------------------------------------------------- tables
-
-def _cluster_rows(results: dict, method: str, spaces) -> tuple[list[dict], list[str], list[str]]:
-    columns, header = ["space"], ["Clustering by \\ Metric"]
-    for name in results["models"]:
-        for metric, title in (("ari", "ARI"), ("nmi", "NMI"), ("silhouette", "Silhouette")):
-            columns.append(f"{name}_{metric}")
-            header.append(f"{name} {title}")
-    rows = []
-    for space in spaces:
-        row = {"space": SPACE_NAMES[space]}
-        present = False
-        for name, res in results["models"].items():
-            if space in res["clustering"]:
-                present = True
-                for metric in ("ari", "nmi", "silhouette"):
-                    row[f"{name}_{metric}"] = res["clustering"][space]["scores"][method][metric]
-        if present:
-            rows.append(row)
-    return rows, columns, header
-
-
-def _accuracy_rows(results: dict) -> list[dict]:
-    rows = []
-    for name, res in results["models"].items():
-        row = {"Model": name, "Held-out accuracy": res["accuracy"], "N": res["n"],
-               "Misclassified": res["misclassified"]["n_misclassified"]}
-        for method in ("kmeans", "gmm"):
-            for space in ("GW", "GW_pred", "P", "FM"):
-                if space in res["clustering"]:
-                    row[f"{method}_acc_{space}"] = res["clustering"][space]["scores"][method]["accuracy"]
-        rows.append(row)
-    return rows
-
-
-def _misclassified_rows(results: dict) -> list[dict]:
-    rows = []
-    for name, res in results["models"].items():
-        for space in REPORT_SPACES:
-            r = res["misclassified"]["nearest_centroid"].get(space)
-            if r is None:
-                continue
-            rows.append({"Model": name, "Representation": SPACE_NAMES[space], "Misclassified": r["n_misclassified"],
-                         "Scored": r["n_scored"], "Nearest = true class": r["frac_nearest_true"],
-                         "Nearest = predicted class": r["frac_nearest_pred"]})
-    return rows
-
-
-def table_csvs(results: dict):
-    """Returns [(file name, rows, columns)] of every table, for CSV output."""
-    t1 = [res["table1"] for res in results["models"].values()]
-    t1_columns = ["Model", *pipeline.TABLE1_COLUMNS, *pipeline.INTER_COLUMNS, "Cos_Sim_GW_pred", "Inter_GW_pred"]
-    out = [("table1_similarity.csv", t1, t1_columns)]
-    for method, fname in (("kmeans", "table2_kmeans.csv"), ("gmm", "table3_gmm.csv")):
-        rows, columns, _ = _cluster_rows(results, method, (*SPACES, CONTROL))
-        out.append((fname, rows, columns))
-    acc = _accuracy_rows(results)
-    out.append(("accuracy.csv", acc, list(dict.fromkeys(k for r in acc for k in r))))
-    mis = _misclassified_rows(results)
-    if mis:
-        out.append(("misclassified.csv", mis, list(mis[0])))
-    return out
-
-
-def tables_markdown(results: dict) -> str:
-    """Returns results/tables.md: the draft's three tables in its layout, then ours."""
-    models = list(results["models"])
-    t1 = [res["table1"] for res in results["models"].values()]
-    parts = ["# Results", "",
-             f"Data: `{results['config']['data']}` held-out split; models: {', '.join(models)}. "
-             f"GW = per-example gradient of the loss w.r.t. the fc weights (true labels), P = softmax "
-             f"probabilities, FM = pooled layer4 features.", "",
-             "## Table 1: mean cosine similarity of same-class images, Grad-CAM agreement", "",
-             markdown_table_1(t1), "",
-             "Grad-CAM columns compare the maps of pairs of same-class images (" +
-             _pairs_note(results) + "); AUC is AUC-Judd with the second map binarised at half its range.", "",
-             "## Table 2: clustering using KMeans", ""]
-    rows, columns, header = _cluster_rows(results, "kmeans", SPACES)
-    parts += [pipeline.markdown_table(rows, columns, 2, header), "", "## Table 3: clustering using GMM", ""]
-    rows, columns, header = _cluster_rows(results, "gmm", SPACES)
-    parts += [pipeline.markdown_table(rows, columns, 2, header), "",
-              "Clustered spaces: " + _space_notes(results) + ".", "",
-              "## Ours: separation (inter-class similarity) and the predicted-label control", "",
-              pipeline.markdown_table(t1, ["Model", "Cos_Sim_GW", "Inter_GW", "Gap_GW", "Cos_Sim_GW_pred",
-                                           "Inter_GW_pred", "Cos_Sim_P", "Inter_P", "Gap_P", "Cos_Sim_FM",
-                                           "Inter_FM", "Gap_FM"]), "",
-              "The true-label GW of the fc layer is (softmax - onehot(y)) x features: it carries the label by "
-              "construction. The predicted-label rows (GW_pred) use argmax instead and show what the model "
-              "itself knows.", ""]
-    for method, title in (("kmeans", "KMeans"), ("gmm", "GMM")):
-        rows, columns, header = _cluster_rows(results, method, ("GW", CONTROL))
-        parts += [f"### {title}: true-label vs predicted-label GW", "",
-                  pipeline.markdown_table(rows, columns, 2, header), ""]
-    acc = _accuracy_rows(results)
-    parts += ["## Ours: held-out accuracy and Hungarian-matched cluster accuracy", "",
-              pipeline.markdown_table(acc, list(dict.fromkeys(k for r in acc for k in r)), 3), ""]
-    loc = [res["table1"] for res in results["models"].values() if "Mask_CC" in res["table1"]]
-    if loc:
-        parts += ["## Ours: Grad-CAM localisation (map vs object mask)", "",
-                  pipeline.markdown_table(loc, ["Model", "Mask_CC", "Mask_KLD", "Mask_SIM", "Mask_SSIM", "Mask_AUC"]),
-                  ""]
-    mis = _misclassified_rows(results)
-    parts += ["## Learning from misclassifications", "",
-              "For each misclassified held-out image: is its nearest class centroid (cosine, centroids of the "
-              "correctly classified images) its true class or its predicted class?", "",
-              pipeline.markdown_table(mis, list(mis[0]), 3) if mis else "No misclassified images.", ""]
-    for name, res in results["models"].items():
-        pairs = res["misclassified"]["confusion_pairs"][:5]
-        if pairs:
-            names = res["gradcam"].get("class_names") or None
-            text = ", ".join(f"{_cls(names, t)}->{_cls(names, p)} ({c})" for t, p, c in pairs)
-            parts.append(f"- {name} most frequent confusions (true->predicted): {text}")
-    parts.append("")
-    return "\n".join(parts)
-
-
-def _cls(names, k):
-    return names[k] if names else str(k)
-
-
-def markdown_table_1(rows: list[dict]) -> str:
-    """Returns Table 1 in the draft's layout (our SIM column added)."""
-    return pipeline.markdown_table(rows, ["Model", *pipeline.TABLE1_COLUMNS], 6,
-                                   ["Model\\Matrices", *pipeline.TABLE1_COLUMNS])
-
-
-def _pairs_note(results: dict) -> str:
-    notes = {f"{c['pairs']} pairs{' (seeded sample)' if c['sampled'] else ''}"
-             for c in (res["gradcam"]["consistency"] for res in results["models"].values())}
-    return ", ".join(sorted(notes)) + " per model"
-
-
-def _space_notes(results: dict) -> str:
-    first = next(iter(results["models"].values()))["clustering"]
-    return "; ".join(f"{s}: {first[s]['description']}" for s in first) + \
-        "; silhouette is computed in that reduced space under the cluster labels"

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import make_folder, run_cli
+from helpers import make_folder, run_cli
 
 
 def assert_one_line_error(code, err, *fragments):
@@ -83,7 +83,7 @@ def test_train_info_extract_gradcam_similarity(capsys, tiny_ckpt, tiny_folder, t
     spec = f"folder:{tiny_folder}:all"
     store = str(tmp_path / "store")
     code, out, err = run_cli(["extract", "--ckpt", tiny_ckpt, "--data", spec, "--out", store, "--batch-size", "8",
-                              "--quiet"], capsys)
+                              "--save-gw", "--quiet"], capsys)
     assert code == 0, err
     gw = np.load(os.path.join(store, "gw.npy"))
     fm = np.load(os.path.join(store, "fm.npy"))
@@ -116,6 +116,43 @@ def test_train_info_extract_gradcam_similarity(capsys, tiny_ckpt, tiny_folder, t
     # Mismatched stores and maps are refused.
     code, _, err = run_cli(["similarity", store, "--cams", cams, "--cams", cams], capsys)
     assert_one_line_error(code, err, "one per store")
+
+
+def cos_sim_gw_closed_form(store, gradient_labels):
+    """(intra, inter): mean same-class and different-class cosine of the explicit fc gradients
+    [h (x) delta, delta], delta = softmax - onehot(gradient_labels), built in float64 from the store's
+    rows and compared pair by pair."""
+    fm = np.load(os.path.join(store, "fm.npy")).astype(np.float64)
+    logits = np.load(os.path.join(store, "logits.npy")).astype(np.float64)
+    labels = np.load(os.path.join(store, "labels.npy"))
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    delta = e / e.sum(axis=1, keepdims=True) - np.eye(logits.shape[1])[gradient_labels]
+    g = np.concatenate([np.einsum("nd,nc->ndc", fm, delta).reshape(len(fm), -1), delta], axis=1)
+    g /= np.linalg.norm(g, axis=1, keepdims=True)
+    cos = g @ g.T
+    same = labels[:, None] == labels[None]
+    return cos[same & ~np.eye(len(labels), dtype=bool)].mean(), cos[~same].mean()
+
+
+def test_similarity_honours_the_predicted_label_source(capsys, tiny_ckpt, tiny_folder, tmp_path):
+    spec = f"folder:{tiny_folder}:all"
+    store = str(tmp_path / "pred")
+    code, _, err = run_cli(["extract", "--ckpt", tiny_ckpt, "--data", spec, "--out", store, "--label-source",
+                            "predicted", "--quiet"], capsys)
+    assert code == 0, err
+    assert not os.path.exists(os.path.join(store, "gw.npy"))  # fc without projection: kept as factors
+    manifest = json.load(open(os.path.join(store, "manifest.json")))
+    assert manifest["gw"] == "factors" and manifest["run"]["label_source"] == "predicted"
+    code, _, err = run_cli(["similarity", store, "--out", str(tmp_path / "t1")], capsys)
+    assert code == 0, err
+    row = json.load(open(tmp_path / "t1.json"))["rows"][0]
+    labels, preds = (np.load(os.path.join(store, f"{a}.npy")) for a in ("labels", "preds"))
+    intra, inter = cos_sim_gw_closed_form(store, preds)
+    assert row["Cos_Sim_GW"] == pytest.approx(intra, rel=1e-6) and row["Inter_GW"] == pytest.approx(inter, rel=1e-6)
+    # This barely trained model predicts one class for every image: only the true labels tell the
+    # classes' gradients apart (the inter-class means differ; same-class pairs share a label either way).
+    assert (labels != preds).any()
+    assert abs(cos_sim_gw_closed_form(store, labels)[1] - inter) > 0.1
 
 
 def test_train_resumes_and_refuses_other_runs(capsys, tiny_folder, tmp_path):

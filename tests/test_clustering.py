@@ -83,6 +83,21 @@ def test_reduce_gram_matches_explicit_pca_of_fc_gradients():
     assert np.all(Z[np.abs(Z).argmax(axis=0), np.arange(10)] > 0)
 
 
+def test_reduce_gram_large_path_matches_the_dense_one(monkeypatch):
+    """Above _EXACT_GRAM_MAX rows reduce_gram uses ARPACK on the centred operator (no copy of G):
+    the same scores as scikit-learn's PCA of the explicit rows."""
+    from clustering import cluster as module
+
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((300, 20)) @ np.diag(np.linspace(3, 0.1, 20)) + 2.0
+    monkeypatch.setattr(module, "_EXACT_GRAM_MAX", 100)
+    Z, info = reduce_gram(X @ X.T, n_components=8)
+    pca = PCA(n_components=8, svd_solver="full").fit(X)
+    expected = pca.transform(X)
+    np.testing.assert_allclose(Z * np.sign(np.sum(Z * expected, axis=0)), expected, atol=1e-8)
+    np.testing.assert_allclose(info["explained_variance_ratio"], pca.explained_variance_ratio_, rtol=1e-8)
+
+
 def test_reduce_gram_rank_deficient_and_size_rule():
     rng = np.random.default_rng(1)
     X = rng.standard_normal((12, 2))

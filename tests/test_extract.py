@@ -8,8 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import random_variables
 from resnet_jax import checkpoint, data, extract, grads, models
+from resnet_jax.bench import random_variables
 from resnet_jax.errors import UserError
 
 C, SIZE, BS, LIMIT = 10, 72, 4, 10  # digits: 10 classes at 72 px; shards of 4, 4, 2 rows
@@ -34,7 +34,7 @@ def ckpt(tmp_path_factory):
 @pytest.fixture(scope="module")
 def full_store(ckpt, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("full") / "store")
-    man = extract.run_extract(ckpt[0], "digits", out, batch_size=BS, limit=LIMIT, progress=False)
+    man = extract.run_extract(ckpt[0], "digits", out, batch_size=BS, limit=LIMIT, progress=False, save_gw=True)
     return out, man
 
 
@@ -70,14 +70,15 @@ def test_store_contents(ckpt, full_store):
 def test_killed_run_resumes_to_identical_arrays(ckpt, full_store, tmp_path):
     out = str(tmp_path / "store")
     with pytest.raises(extract._Stop):
-        extract.run_extract(ckpt[0], "digits", out, batch_size=BS, limit=LIMIT, progress=False, stop_after_shards=1)
+        extract.run_extract(ckpt[0], "digits", out, batch_size=BS, limit=LIMIT, progress=False, stop_after_shards=1,
+                            save_gw=True)
     assert sorted(os.listdir(os.path.join(out, "shards"))) == ["00000.npz"]
     with pytest.raises(UserError, match="is incomplete: run extract again"):
         extract.load_store(out)
     # a torn write of the next shard (killed mid-write) must be ignored
     with open(os.path.join(out, "shards", "00001.npz.tmp-999"), "wb") as f:
         f.write(b"garbage")
-    extract.run_extract(ckpt[0], "digits", out, batch_size=BS, limit=LIMIT, progress=False)
+    extract.run_extract(ckpt[0], "digits", out, batch_size=BS, limit=LIMIT, progress=False, save_gw=True)
     assert extract.load_store(out)["manifest"]["complete"]
     assert npy_bytes(out) == npy_bytes(full_store[0])
     assert len(npy_bytes(out)) == 7
@@ -87,7 +88,8 @@ def test_complete_store_is_left_alone(ckpt, full_store):
     out = full_store[0]
     before = {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in os.listdir(out)}
     said = []
-    extract.run_extract(ckpt[0], "digits", out, batch_size=BS, limit=LIMIT, progress=False, log=said.append)
+    extract.run_extract(ckpt[0], "digits", out, batch_size=BS, limit=LIMIT, progress=False, save_gw=True,
+                        log=said.append)
     assert "already complete" in said[0]
     assert before == {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in os.listdir(out)}
 
@@ -98,9 +100,10 @@ def test_complete_store_is_left_alone(ckpt, full_store):
     (dict(limit=LIMIT + 1), "limit"),
     (dict(batch_size=BS + 1), "batch_size"),
     (dict(project_dim=16), "projection"),
+    (dict(save_gw=False), "save_gw"),
 ])
 def test_a_different_run_is_refused(ckpt, full_store, change, field):
-    args = dict(batch_size=BS, limit=LIMIT, progress=False)
+    args = dict(batch_size=BS, limit=LIMIT, progress=False, save_gw=True)
     args.update(change)
     with pytest.raises(UserError, match=f"holds a different run: {field} is"):
         extract.run_extract(ckpt[0], "digits", full_store[0], **args)
@@ -139,11 +142,40 @@ def test_nan_is_reported_and_nothing_marked_complete(ckpt, tmp_path):
 def test_process_slice(ckpt, full_store, tmp_path):
     out = str(tmp_path / "store")
     # 540 test digits over 135 processes: process 1 has rows 4..7
-    man = extract.run_extract(ckpt[0], "digits", out, batch_size=BS, progress=False, process=(1, 135))
+    man = extract.run_extract(ckpt[0], "digits", out, batch_size=BS, progress=False, process=(1, 135), save_gw=True)
     assert man["rows"] == [4, 8]
     st, full = extract.load_store(out), extract.load_store(full_store[0])
     assert st["ids"] == full["ids"][4:8]
     np.testing.assert_array_equal(st["gw"], full["gw"][4:8])
+
+
+def test_fc_store_keeps_factors_and_reads_like_rows(ckpt, full_store, tmp_path):
+    """Without save_gw the fc store holds no N x (d*C + C) file; Representations rebuilds the rows,
+    their Gram matrix and their cosine summary from the factors, equal to the rows extracted."""
+    from resnet_jax.analysis import Representations
+
+    out = str(tmp_path / "store")
+    man = extract.run_extract(ckpt[0], "digits", out, batch_size=BS, limit=LIMIT, progress=False)
+    assert man["gw"] == "factors" and "gw.npy" not in os.listdir(out) and "gw" not in man["shapes"]
+    assert extract.load_store(out)["gw"] is None
+    rows = np.asarray(extract.load_store(full_store[0])["gw"], np.float64)
+    rep = Representations.from_store(extract.load_store(out))
+    assert rep.gw_kind == "kronecker" and rep.label_source == "true"
+    np.testing.assert_allclose(rep.gw_rows(), rows, atol=1e-4 * np.abs(rows).max())
+    # The Gram matrix against unit rows [h (x) delta, delta] built here in float64 from fm and logits
+    # (the float32 rows lose digits where softmax is nearly one-hot).
+    st = extract.load_store(out)
+    z = np.asarray(st["logits"], np.float64)
+    e = np.exp(z - z.max(1, keepdims=True))
+    delta = e / e.sum(1, keepdims=True) - np.eye(C)[st["labels"]]
+    g = np.concatenate([np.einsum("nd,nc->ndc", np.asarray(st["fm"], np.float64), delta).reshape(LIMIT, -1), delta], 1)
+    unit = g / np.linalg.norm(g, axis=1, keepdims=True)
+    np.testing.assert_allclose(rep.gw_unit_gram(), unit @ unit.T, atol=1e-12)
+    labels = rep.labels
+    same = (labels[:, None] == labels[None]) & ~np.eye(len(labels), dtype=bool)
+    assert rep.gw_cosine_summary(labels).intra == pytest.approx((unit @ unit.T)[same].mean(), rel=1e-9)
+    saved = Representations.from_store(extract.load_store(full_store[0]))  # gw.npy saved: factors still used
+    assert saved.gw_kind == "kronecker" and "gw.npy" in full_store[1]["files"]
 
 
 def test_bad_arguments_and_directories(ckpt, tmp_path):

@@ -1,0 +1,255 @@
+"""What the tables are computed from: the representations of a store and their similarity,
+clustering and misclassification summaries (host side: numpy, `metrics`, `clustering`).
+
+Representations of each image, as in the draft:
+- GW: the per-example gradient of the loss with respect to the fc weights (kernel and bias);
+- P: the softmax probabilities; FM: the pooled layer4 features (the fc input).
+
+`Representations.from_store` owns how GW is available. For an fc store without projection GW is
+kept as its exact factors (FM, the logits, the labels the loss used) and used through the Kronecker
+identity <g_i, g_j> = (h_i.h_j + 1)(delta_i.delta_j), delta = softmax(logits) - onehot(label) in
+float64: exact, and the N x (d*C + C) matrix is formed only when `gw_rows` is asked for. Otherwise
+the stored rows are used. GW is built with the store's gradient label (`label_source`: "true" or
+"predicted"); with factors, the other label is available too (the predicted-label control).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .errors import UserError
+
+GRADIENT_LABELS = ("true", "predicted")
+CAM_COLUMN_METRIC = {"Grad_Cam_CC": "cc", "Grad_Cam_KLD": "kld", "Grad_Cam_SIM": "sim", "Grad_Cam_SSIM": "ssim",
+                     "Grad_Cam_AUC": "auc_judd"}
+CONTROL = "GW_pred"
+GRAM_CHUNK_ROWS = 2048  # rows of a Gram matrix computed at once (bounds the temporaries)
+
+
+def softmax64(logits):
+    """Returns softmax probabilities (N, C) computed in float64 (so 1 - p is not rounded to 0)."""
+    z = np.asarray(logits, np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def unit_rows(X) -> np.ndarray:
+    """Returns the rows of X (N, D) scaled to unit length (the geometry of the cosine similarities)."""
+    X = np.asarray(X, np.float64)
+    norms = np.linalg.norm(X, axis=1, keepdims=True)
+    if np.any(norms == 0):
+        raise ValueError(f"{int(np.sum(norms == 0))} rows are all zero: their direction is undefined")
+    return X / norms
+
+
+def unit_gram(G) -> np.ndarray:
+    """Returns the Gram matrix (N, N) of the unit-length rows: G_ij / sqrt(G_ii G_jj)."""
+    d = np.sqrt(np.diag(G))
+    if np.any(d == 0):
+        raise ValueError(f"{int(np.sum(d == 0))} rows are all zero: their direction is undefined")
+    return G / np.outer(d, d)
+
+
+def fc_unit_gram(features, probs64, gradient_labels) -> np.ndarray:
+    """Returns the (N, N) float64 Gram matrix of the unit-length fc gradients built with
+    `gradient_labels`, without forming the gradients; above GRAM_CHUNK_ROWS rows it is filled in
+    blocks of rows, so its only N x N array is the result."""
+    from metrics import similarity
+
+    n = len(features)
+    if n <= GRAM_CHUNK_ROWS:
+        return unit_gram(similarity.fc_gradient_gram(features, probs64, gradient_labels))
+    h = np.asarray(features, np.float64)
+    delta = similarity.fc_gradient_deltas(probs64, gradient_labels).astype(np.float64, copy=False)
+    norms = np.sqrt((np.einsum("nd,nd->n", h, h) + 1.0) * np.einsum("nc,nc->n", delta, delta))
+    if np.any(norms == 0):
+        raise ValueError(f"{int(np.sum(norms == 0))} rows are all zero: their direction is undefined")
+    h_unit, delta_unit = h, delta / norms[:, None]
+    G = np.empty((n, n))
+    for lo in range(0, n, GRAM_CHUNK_ROWS):
+        hi = min(n, lo + GRAM_CHUNK_ROWS)
+        block = G[lo:hi]
+        np.matmul(h_unit[lo:hi], h_unit.T, out=block)
+        block += 1.0
+        block *= delta_unit[lo:hi] @ delta_unit.T
+    return G
+
+
+@dataclass(eq=False)
+class Representations:
+    """GW, P and FM of the N images of a store.
+
+    fm (N, d) and p (N, C) float64; probs64 (N, C) the softmax of the logits in float64; labels and
+    preds (N,); label_source: the gradient label GW was built with; gw_kind: "kronecker" (GW kept as
+    its factors fm, probs64 and the labels) or "explicit" (rows (N, D) in `rows`, read on demand).
+    """
+
+    fm: np.ndarray
+    p: np.ndarray
+    probs64: np.ndarray
+    labels: np.ndarray
+    preds: np.ndarray
+    label_source: str
+    gw_kind: str
+    rows: np.ndarray | None = None
+
+    @classmethod
+    def from_store(cls, store: dict) -> "Representations":
+        """Builds them from `extract.load_store(...)`; honours the store's label source."""
+        man = store["manifest"]
+        run = man.get("run", man)
+        kind = man.get("gw")
+        if kind is None:  # stores written before the manifest said it
+            kind = "factors" if run.get("grad_params") == "fc" and run.get("projection") is None else "rows"
+        return cls(fm=np.asarray(store["fm"], np.float64), p=np.asarray(store["p"], np.float64),
+                   probs64=softmax64(store["logits"]), labels=np.asarray(store["labels"]),
+                   preds=np.asarray(store["preds"]), label_source=run.get("label_source", "true"),
+                   gw_kind="kronecker" if kind == "factors" else "explicit",
+                   rows=None if kind == "factors" else store["gw"])
+
+    def gradient_labels(self, which: str | None = None) -> np.ndarray:
+        """(N,) the labels that build GW: "true", "predicted", or None for the store's own."""
+        which = self.label_source if which is None else which
+        if which not in GRADIENT_LABELS:
+            raise UserError(f"unknown gradient label {which!r}: choose one of {', '.join(GRADIENT_LABELS)}")
+        if self.gw_kind == "explicit" and which != self.label_source:
+            raise UserError(f"the store holds GW rows built with {self.label_source} labels only: extract again "
+                            f"with --label-source {which}")
+        return self.labels if which == "true" else self.preds
+
+    def controls(self) -> dict:
+        """{space name: gradient label} of the GW spaces available: "GW" (the store's own label) and,
+        with factors, "GW_pred" (predicted labels)."""
+        out = {"GW": self.label_source}
+        if self.gw_kind == "kronecker":
+            out[CONTROL] = "predicted"
+        return out
+
+    def gw_rows(self, which: str | None = None) -> np.ndarray:
+        """Returns explicit GW rows (N, D) float64; with factors this forms the N x (d*C + C) matrix."""
+        from metrics import similarity
+
+        labels = self.gradient_labels(which)
+        if self.gw_kind == "explicit":
+            return np.asarray(self.rows, np.float64)
+        return similarity.fc_gradients(self.fm, self.probs64, labels)
+
+    def gw_unit_gram(self, which: str | None = None) -> np.ndarray:
+        """Returns the (N, N) Gram matrix of the unit-length GW rows (never forms them with factors)."""
+        labels = self.gradient_labels(which)
+        if self.gw_kind == "kronecker":
+            return fc_unit_gram(self.fm, self.probs64, labels)
+        X = unit_rows(self.rows)
+        return X @ X.T
+
+    def gw_cosine_summary(self, group_labels, which: str | None = None):
+        """Returns the CosineSummary of GW grouped by `group_labels`."""
+        from metrics import similarity
+
+        labels = self.gradient_labels(which)
+        if self.gw_kind == "kronecker":
+            return similarity.fc_gradient_cosine_summary(self.fm, self.probs64, group_labels, labels)
+        return similarity.pairwise_cosine_summary(np.asarray(self.rows, np.float64), group_labels)
+
+
+def cosine_summaries(rep: Representations) -> dict:
+    """Returns {"GW", "P", "FM" (and "GW_pred" with factors): CosineSummary as dict}, grouped by the
+    true labels; GW with the store's gradient label."""
+    from metrics import similarity
+
+    out = {"P": similarity.pairwise_cosine_summary(rep.p, rep.labels),
+           "FM": similarity.pairwise_cosine_summary(rep.fm, rep.labels)}
+    for space, which in rep.controls().items():
+        out[space] = rep.gw_cosine_summary(rep.labels, which)
+    return {k: asdict(v) for k, v in out.items()}
+
+
+def table1_row(name: str, rep: Representations, cams: dict | None) -> dict:
+    """Returns {"row": one row of Table 1 (draft columns plus inter-class means and gaps),
+    "summaries": cosine_summaries, "gw_kind"}."""
+    summaries = cosine_summaries(rep)
+    row = {"Model": name}
+    for key in ("GW", "P", "FM"):
+        row[f"Cos_Sim_{key}"] = summaries[key]["intra"]
+        row[f"Inter_{key}"] = summaries[key]["inter"]
+        row[f"Gap_{key}"] = summaries[key]["gap"]
+    if CONTROL in summaries:
+        row["Cos_Sim_GW_pred"] = summaries[CONTROL]["intra"]
+        row["Inter_GW_pred"] = summaries[CONTROL]["inter"]
+    if cams is not None:
+        metrics = cams["summary"]["consistency"]["metrics"]
+        for column, metric in CAM_COLUMN_METRIC.items():
+            row[column] = metrics[metric]["mean"]
+        loc = cams["summary"].get("localisation")
+        if loc:
+            for column, metric in CAM_COLUMN_METRIC.items():
+                row["Mask_" + column[len("Grad_Cam_"):]] = loc[metric]["mean"]
+    return {"row": row, "summaries": summaries, "gw_kind": rep.gw_kind}
+
+
+def similarity_table(stores: list[str], cams_dirs: list[str] | None = None, names: list[str] | None = None):
+    """Returns (rows, details) of Table 1 for extract stores and optional Grad-CAM directories."""
+    from .cams import load_cams
+    from .extract import load_store
+
+    if cams_dirs and len(cams_dirs) != len(stores):
+        raise UserError(f"{len(stores)} stores but {len(cams_dirs)} --cams directories: pass one per store, "
+                        f"in the same order")
+    rows, details = [], []
+    for k, path in enumerate(stores):
+        store = load_store(path)
+        cams = load_cams(cams_dirs[k]) if cams_dirs else None
+        if cams is not None and len(cams["labels"]) != len(store["labels"]):
+            raise UserError(f"{cams_dirs[k]} holds {len(cams['labels'])} maps but {path} holds "
+                            f"{len(store['labels'])} images: compute both with the same data and --limit")
+        name = names[k] if names else store["manifest"]["run"].get("model", os.path.basename(path.rstrip("/")))
+        result = table1_row(name, Representations.from_store(store), cams)
+        rows.append(result["row"])
+        details.append(result)
+    return rows, details
+
+
+def cluster_spaces(rep: Representations, seed: int = 0, spaces=None, **kwargs) -> dict:
+    """Clusters unit-length GW (and GW_pred), P and FM (or the named `spaces`); returns {space: result}
+    of `clustering.cluster.cluster_and_score` (`kwargs` pass on) with labels as lists and the first
+    two PCA coordinates. GW with factors is clustered from its Gram matrix (exact PCA), never from
+    the rows."""
+    from clustering import cluster
+
+    makers = {space: (lambda which=which: rep.gw_unit_gram(which), rep.gw_kind == "kronecker")
+              for space, which in rep.controls().items()}
+    if rep.gw_kind == "explicit":
+        makers["GW"] = (lambda: unit_rows(rep.rows), False)
+    makers["P"] = (lambda: unit_rows(rep.p), False)
+    makers["FM"] = (lambda: unit_rows(rep.fm), False)
+    order = ["GW", "P", "FM"] + [s for s in makers if s not in ("GW", "P", "FM")]
+    out = {}
+    for space in order if spaces is None else spaces:
+        make, gram = makers[space]
+        result = cluster.cluster_and_score(make(), rep.labels, name=f"unit-length {space}", gram=gram, seed=seed,
+                                           **kwargs)
+        out[space] = {"description": result["description"], "clusterers": result["clusterers"],
+                      "scores": result["scores"], "labels": {m: v.tolist() for m, v in result["labels"].items()},
+                      "coords2d": np.asarray(result["Z"][:, :2]).round(6).tolist()}
+    return out
+
+
+def misclassification_report(rep: Representations) -> dict:
+    """Returns the confusion pairs, the most confidently wrong images and, per space, where each
+    misclassified image's nearest class centroid lies (`clustering.misclassified`)."""
+    from clustering import misclassified
+
+    labels, preds = rep.labels, rep.preds
+    report = {"n_misclassified": int(np.sum(labels != preds)),
+              "confusion_pairs": misclassified.confusion_pairs(labels, preds, top=10),
+              "most_confident_wrong": misclassified.most_confident_wrong(rep.probs64, labels, top=8).tolist(),
+              "nearest_centroid": {}}
+    rows = {space: (lambda which=which: rep.gw_rows(which)) for space, which in rep.controls().items()}
+    rows.update({"FM": lambda: rep.fm, "P": lambda: rep.p})
+    for space in ["GW", "FM", "P"] + [s for s in rows if s not in ("GW", "FM", "P")]:
+        r = misclassified.centroid_report(rows[space](), labels, preds)
+        report["nearest_centroid"][space] = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in r.items()}
+    return report

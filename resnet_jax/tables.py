@@ -1,0 +1,158 @@
+"""The tables of `reproduce` and `similarity`: markdown and CSV from the results dict."""
+from __future__ import annotations
+
+from .analysis import CONTROL
+from .files import format_cell
+
+TABLE1_COLUMNS = ("Cos_Sim_GW", "Cos_Sim_P", "Cos_Sim_FM", "Grad_Cam_CC", "Grad_Cam_KLD", "Grad_Cam_SIM",
+                  "Grad_Cam_SSIM", "Grad_Cam_AUC")
+INTER_COLUMNS = ("Inter_GW", "Inter_P", "Inter_FM", "Gap_GW", "Gap_P", "Gap_FM")
+SPACES = ("GW", "P", "FM")
+SPACE_NAMES = {"GW": "Gradient Weights", "P": "Final Predictions", "FM": "Feature Maps",
+               "GW_pred": "Gradient Weights (predicted labels)"}
+REPORT_SPACES = ("GW", "GW_pred", "FM", "P")
+
+
+def markdown_table(rows: list[dict], columns, digits: int = 4, header=None) -> str:
+    """Returns a markdown table of rows (dicts) over columns; None prints as '-'."""
+    header = list(header or columns)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([" --- "] * len(header)) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(format_cell(row.get(c), digits) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def _cluster_rows(results: dict, method: str, spaces) -> tuple[list[dict], list[str], list[str]]:
+    columns, header = ["space"], ["Clustering by \\ Metric"]
+    for name in results["models"]:
+        for metric, title in (("ari", "ARI"), ("nmi", "NMI"), ("silhouette", "Silhouette")):
+            columns.append(f"{name}_{metric}")
+            header.append(f"{name} {title}")
+    rows = []
+    for space in spaces:
+        row = {"space": SPACE_NAMES[space]}
+        present = False
+        for name, res in results["models"].items():
+            if space in res["clustering"]:
+                present = True
+                for metric in ("ari", "nmi", "silhouette"):
+                    row[f"{name}_{metric}"] = res["clustering"][space]["scores"][method][metric]
+        if present:
+            rows.append(row)
+    return rows, columns, header
+
+
+def _accuracy_rows(results: dict) -> list[dict]:
+    rows = []
+    for name, res in results["models"].items():
+        row = {"Model": name, "Held-out accuracy": res["accuracy"], "N": res["n"],
+               "Misclassified": res["misclassified"]["n_misclassified"]}
+        for method in ("kmeans", "gmm"):
+            for space in ("GW", "GW_pred", "P", "FM"):
+                if space in res["clustering"]:
+                    row[f"{method}_acc_{space}"] = res["clustering"][space]["scores"][method]["accuracy"]
+        rows.append(row)
+    return rows
+
+
+def _misclassified_rows(results: dict) -> list[dict]:
+    rows = []
+    for name, res in results["models"].items():
+        for space in REPORT_SPACES:
+            r = res["misclassified"]["nearest_centroid"].get(space)
+            if r is None:
+                continue
+            rows.append({"Model": name, "Representation": SPACE_NAMES[space], "Misclassified": r["n_misclassified"],
+                         "Scored": r["n_scored"], "Nearest = true class": r["frac_nearest_true"],
+                         "Nearest = predicted class": r["frac_nearest_pred"]})
+    return rows
+
+
+def table_csvs(results: dict):
+    """Returns [(file name, rows, columns)] of every table, for CSV output."""
+    t1 = [res["table1"] for res in results["models"].values()]
+    t1_columns = ["Model", *TABLE1_COLUMNS, *INTER_COLUMNS, "Cos_Sim_GW_pred", "Inter_GW_pred"]
+    out = [("table1_similarity.csv", t1, t1_columns)]
+    for method, fname in (("kmeans", "table2_kmeans.csv"), ("gmm", "table3_gmm.csv")):
+        rows, columns, _ = _cluster_rows(results, method, (*SPACES, CONTROL))
+        out.append((fname, rows, columns))
+    acc = _accuracy_rows(results)
+    out.append(("accuracy.csv", acc, list(dict.fromkeys(k for r in acc for k in r))))
+    mis = _misclassified_rows(results)
+    if mis:
+        out.append(("misclassified.csv", mis, list(mis[0])))
+    return out
+
+
+def tables_markdown(results: dict) -> str:
+    """Returns results/tables.md: the draft's three tables in its layout, then ours."""
+    models = list(results["models"])
+    t1 = [res["table1"] for res in results["models"].values()]
+    parts = ["# Results", "",
+             f"Data: `{results['config']['data']}` held-out split; models: {', '.join(models)}. "
+             f"GW = per-example gradient of the loss w.r.t. the fc weights (true labels), P = softmax "
+             f"probabilities, FM = pooled layer4 features.", "",
+             "## Table 1: mean cosine similarity of same-class images, Grad-CAM agreement", "",
+             markdown_table_1(t1), "",
+             "Grad-CAM columns compare the maps of pairs of same-class images (" +
+             _pairs_note(results) + "); AUC is AUC-Judd with the second map binarised at half its range.", "",
+             "## Table 2: clustering using KMeans", ""]
+    rows, columns, header = _cluster_rows(results, "kmeans", SPACES)
+    parts += [markdown_table(rows, columns, 2, header), "", "## Table 3: clustering using GMM", ""]
+    rows, columns, header = _cluster_rows(results, "gmm", SPACES)
+    parts += [markdown_table(rows, columns, 2, header), "",
+              "Clustered spaces: " + _space_notes(results) + ".", "",
+              "## Ours: separation (inter-class similarity) and the predicted-label control", "",
+              markdown_table(t1, ["Model", "Cos_Sim_GW", "Inter_GW", "Gap_GW", "Cos_Sim_GW_pred",
+                                           "Inter_GW_pred", "Cos_Sim_P", "Inter_P", "Gap_P", "Cos_Sim_FM",
+                                           "Inter_FM", "Gap_FM"]), "",
+              "The true-label GW of the fc layer is (softmax - onehot(y)) x features: it carries the label by "
+              "construction. The predicted-label rows (GW_pred) use argmax instead and show what the model "
+              "itself knows.", ""]
+    for method, title in (("kmeans", "KMeans"), ("gmm", "GMM")):
+        rows, columns, header = _cluster_rows(results, method, ("GW", CONTROL))
+        parts += [f"### {title}: true-label vs predicted-label GW", "",
+                  markdown_table(rows, columns, 2, header), ""]
+    acc = _accuracy_rows(results)
+    parts += ["## Ours: held-out accuracy and Hungarian-matched cluster accuracy", "",
+              markdown_table(acc, list(dict.fromkeys(k for r in acc for k in r)), 3), ""]
+    loc = [res["table1"] for res in results["models"].values() if "Mask_CC" in res["table1"]]
+    if loc:
+        parts += ["## Ours: Grad-CAM localisation (map vs object mask)", "",
+                  markdown_table(loc, ["Model", "Mask_CC", "Mask_KLD", "Mask_SIM", "Mask_SSIM", "Mask_AUC"]),
+                  ""]
+    mis = _misclassified_rows(results)
+    parts += ["## Learning from misclassifications", "",
+              "For each misclassified held-out image: is its nearest class centroid (cosine, centroids of the "
+              "correctly classified images) its true class or its predicted class?", "",
+              markdown_table(mis, list(mis[0]), 3) if mis else "No misclassified images.", ""]
+    for name, res in results["models"].items():
+        pairs = res["misclassified"]["confusion_pairs"][:5]
+        if pairs:
+            names = res["gradcam"].get("class_names") or None
+            text = ", ".join(f"{_cls(names, t)}->{_cls(names, p)} ({c})" for t, p, c in pairs)
+            parts.append(f"- {name} most frequent confusions (true->predicted): {text}")
+    parts.append("")
+    return "\n".join(parts)
+
+
+def _cls(names, k):
+    return names[k] if names else str(k)
+
+
+def markdown_table_1(rows: list[dict]) -> str:
+    """Returns Table 1 in the draft's layout (our SIM column added)."""
+    return markdown_table(rows, ["Model", *TABLE1_COLUMNS], 6,
+                                   ["Model\\Matrices", *TABLE1_COLUMNS])
+
+
+def _pairs_note(results: dict) -> str:
+    notes = {f"{c['pairs']} pairs{' (seeded sample)' if c['sampled'] else ''}"
+             for c in (res["gradcam"]["consistency"] for res in results["models"].values())}
+    return ", ".join(sorted(notes)) + " per model"
+
+
+def _space_notes(results: dict) -> str:
+    first = next(iter(results["models"].values()))["clustering"]
+    return "; ".join(f"{s}: {first[s]['description']}" for s in first) + \
+        "; silhouette is computed in that reduced space under the cluster labels"
