@@ -25,10 +25,10 @@ Second order (`second_order=`)
     of g, the cotangents of (theta, batch_stats, X) are D_X[grad_(theta, bs, X) L_sum][V] (mixed
     partial derivatives commute), one `jax.jvp` of the full gradient along V (forward over reverse,
     as a Hessian-vector product). Same values (tested against the reverse mode and finite
-    differences); it stores no activations for the backward pass, and on ResNet-18 (72 px, batch
-    32, 2 CPU cores) the aligned step costs 2.3-2.8x a plain step against 3.4-4.9x with "reverse"
-    (`bench.bench_train`). The custom
-    VJP supports reverse-mode differentiation only: use "reverse" to push `jax.jvp` through the loss.
+    differences); it stores no activations for the backward pass, so the aligned step is cheaper than
+    with "reverse" (`bench.bench_train` measures both; numbers in the README's performance section).
+    The custom VJP supports reverse-mode differentiation only: use "reverse" to push `jax.jvp`
+    through the loss.
 
 L_grad (cosine alignment)
     Pairs P = {(i, j): i < j, y_i = y_j} of the batch (a label mask; no data-dependent shapes).

@@ -3,8 +3,8 @@
 Hessian-vector product
     `hvp(f, x, v) = jax.jvp(jax.grad(f), (x,), (v,))[1]` (forward-over-reverse): H v without forming
     H, for any pytree x (a parameter dict, an image batch). It costs about one gradient plus its
-    forward-mode derivative (`bench_hvp` measures it: ResNet-18, 72 px, batch 32 on 2 busy CPU
-    cores: 1.3-1.9x a gradient w.r.t. all parameters, 1.8-2.6x for layer4, 1.0x for fc).
+    forward-mode derivative (`bench.bench_hvp` measures it; numbers in the README's performance
+    section).
 
 Losses
     `params_loss(model, variables, images, labels, params=...)` returns (f, x0): f(selected params) is
