@@ -39,17 +39,44 @@ def centroid_report(X, y, p):
     X = as_matrix(X, "X")
     y = as_labels(y, "y", X.shape[0], classes=True)
     p = as_labels(p, "p", X.shape[0], classes=True)
-
     norms = np.linalg.norm(X, axis=1)
-    nonzero = norms > 0
-    U = X / np.where(nonzero, norms, 1.0)[:, None]
+    U = X / np.where(norms > 0, norms, 1.0)[:, None]
+    return _nearest_centroids(y, p, norms > 0, lambda members: U[members].sum(axis=0),
+                              lambda rows, centroids: U[rows] @ np.stack(centroids).T)
+
+
+def kron_centroid_report(A, B, y, p):
+    """centroid_report of the rows x_i = kron(A_i, B_i) (N, m * C), without forming them.
+
+    A (N, m), B (N, C): e.g. A = [features, 1] and B = softmax - onehot(label) give the fc-layer
+    gradients (in another order of their coordinates, which cosines do not see). A class's summed
+    unit rows are the (m, C) matrix sum_j a_j b_j^T / (|a_j| |b_j|), and an image's cosine with a
+    centroid S is a_i^T S b_i / (|a_i| |b_i| |S|). Returns the same dict as centroid_report.
+    """
+    A = as_matrix(A, "A")
+    B = as_matrix(B, "B")
+    if len(B) != len(A):
+        raise ValueError(f"A has {len(A)} rows but B has {len(B)}; pass one row per image to both")
+    y = as_labels(y, "y", A.shape[0], classes=True)
+    p = as_labels(p, "p", A.shape[0], classes=True)
+    norm_a, norm_b = np.linalg.norm(A, axis=1), np.linalg.norm(B, axis=1)
+    nonzero = (norm_a > 0) & (norm_b > 0)
+    Au = A / np.where(norm_a > 0, norm_a, 1.0)[:, None]
+    Bu = B / np.where(norm_b > 0, norm_b, 1.0)[:, None]
+    return _nearest_centroids(y, p, nonzero, lambda members: Au[members].T @ Bu[members],
+                              lambda rows, centroids: np.stack(
+                                  [np.sum((Au[rows] @ S) * Bu[rows], axis=1) for S in centroids], axis=1))
+
+
+def _nearest_centroids(y, p, nonzero, class_sum, similarity):
+    """The report of centroid_report from class_sum(members) (the sum of their unit rows, any shape)
+    and similarity(rows, unit centroids) -> (len(rows), number of centroids) cosines."""
     correct = y == p
     classes = np.unique(np.concatenate([y, p]))
-
     source = np.flatnonzero(correct & nonzero)
     centroid_classes, centroids = [], []
     for c in classes:
-        mean = U[source[y[source] == c]].sum(axis=0)
+        mean = class_sum(source[y[source] == c])
         length = np.linalg.norm(mean)
         if length > 0:
             centroid_classes.append(c)
@@ -60,8 +87,7 @@ def centroid_report(X, y, p):
     scored = nonzero[mis] & np.isin(y[mis], centroid_classes) & np.isin(p[mis], centroid_classes)
     nearest = np.full(len(mis), -1, dtype=np.int64)
     if scored.any():
-        similarity = U[mis[scored]] @ np.stack(centroids).T
-        nearest[scored] = centroid_classes[similarity.argmax(axis=1)]
+        nearest[scored] = centroid_classes[similarity(mis[scored], centroids).argmax(axis=1)]
     n_scored = int(scored.sum())
     n_true = int(np.count_nonzero(scored & (nearest == y[mis])))
     n_pred = int(np.count_nonzero(scored & (nearest == p[mis])))

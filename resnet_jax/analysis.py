@@ -145,6 +145,18 @@ class Representations:
         X = unit_rows(self.rows)
         return X @ X.T
 
+    def gw_centroid_report(self, which: str | None = None) -> dict:
+        """Returns `clustering.misclassified.centroid_report` of GW (from the factors when kept so)."""
+        from clustering import misclassified
+        from metrics import similarity
+
+        labels = self.gradient_labels(which)
+        if self.gw_kind == "kronecker":
+            a = np.concatenate([self.fm, np.ones((len(self.fm), 1))], axis=1)
+            delta = similarity.fc_gradient_deltas(self.probs64, labels)
+            return misclassified.kron_centroid_report(a, delta, self.labels, self.preds)
+        return misclassified.centroid_report(np.asarray(self.rows, np.float64), self.labels, self.preds)
+
     def gw_cosine_summary(self, group_labels, which: str | None = None):
         """Returns the CosineSummary of GW grouped by `group_labels`."""
         from metrics import similarity
@@ -247,9 +259,10 @@ def misclassification_report(rep: Representations) -> dict:
               "confusion_pairs": misclassified.confusion_pairs(labels, preds, top=10),
               "most_confident_wrong": misclassified.most_confident_wrong(rep.probs64, labels, top=8).tolist(),
               "nearest_centroid": {}}
-    rows = {space: (lambda which=which: rep.gw_rows(which)) for space, which in rep.controls().items()}
-    rows.update({"FM": lambda: rep.fm, "P": lambda: rep.p})
-    for space in ["GW", "FM", "P"] + [s for s in rows if s not in ("GW", "FM", "P")]:
-        r = misclassified.centroid_report(rows[space](), labels, preds)
+    reports = {space: (lambda which=which: rep.gw_centroid_report(which)) for space, which in rep.controls().items()}
+    reports.update({"FM": lambda: misclassified.centroid_report(rep.fm, labels, preds),
+                    "P": lambda: misclassified.centroid_report(rep.p, labels, preds)})
+    for space in ["GW", "FM", "P"] + [s for s in reports if s not in ("GW", "FM", "P")]:
+        r = reports[space]()
         report["nearest_centroid"][space] = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in r.items()}
     return report

@@ -18,7 +18,7 @@ from clustering.cluster import (
     reduce_pca,
     scores,
 )
-from clustering.misclassified import centroid_report, confusion_pairs, most_confident_wrong
+from clustering.misclassified import centroid_report, confusion_pairs, kron_centroid_report, most_confident_wrong
 
 
 def blobs(n_per=25, k=4, dim=6, seed=0):
@@ -269,6 +269,21 @@ def test_centroid_report_known_answer():
     np.testing.assert_array_equal(report["misclassified"], [5, 6, 7, 8])
     np.testing.assert_array_equal(report["nearest"], [0, 1, 2, 2])
     assert report["classes_without_centroid"] == []
+
+
+def test_kron_centroid_report_equals_the_report_of_explicit_rows():
+    rng = np.random.default_rng(5)
+    n, m, c = 120, 7, 4
+    y = rng.integers(0, c, n)
+    p = np.where(rng.random(n) < 0.7, y, rng.integers(0, c, n))
+    A = rng.standard_normal((n, m)) + 2.0 * np.eye(c, m)[y]
+    B = rng.standard_normal((n, c)) - 2.0 * np.eye(c)[p]
+    A[3] = 0.0  # a zero row: not scored, in no centroid
+    got = kron_centroid_report(A, B, y, p)
+    want = centroid_report(np.einsum("nm,nc->nmc", A, B).reshape(n, m * c), y, p)
+    assert got["n_scored"] > 10 and got["n_nearest_true"] > 0
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key])
 
 
 def test_centroid_report_is_cosine_invariant_to_row_scaling():
