@@ -110,15 +110,15 @@ class Representations:
                    gw_kind="kronecker" if kind == "factors" else "explicit",
                    rows=None if kind == "factors" else store["gw"])
 
-    def gradient_labels(self, which: str | None = None) -> np.ndarray:
-        """(N,) the labels that build GW: "true", "predicted", or None for the store's own."""
-        which = self.label_source if which is None else which
-        if which not in GRADIENT_LABELS:
-            raise UserError(f"unknown gradient label {which!r}: choose one of {', '.join(GRADIENT_LABELS)}")
-        if self.gw_kind == "explicit" and which != self.label_source:
+    def gradient_labels(self, label_source: str | None = None) -> np.ndarray:
+        """(N,) the labels that build GW for `label_source` "true" or "predicted" (None: the store's)."""
+        label_source = self.label_source if label_source is None else label_source
+        if label_source not in GRADIENT_LABELS:
+            raise UserError(f"unknown gradient label {label_source!r}: choose one of {', '.join(GRADIENT_LABELS)}")
+        if self.gw_kind == "explicit" and label_source != self.label_source:
             raise UserError(f"the store holds GW rows built with {self.label_source} labels only: extract again "
-                            f"with --label-source {which}")
-        return self.labels if which == "true" else self.preds
+                            f"with --label-source {label_source}")
+        return self.labels if label_source == "true" else self.preds
 
     def controls(self) -> dict:
         """{space name: gradient label} of the GW spaces available: "GW" (the store's own label) and,
@@ -128,40 +128,40 @@ class Representations:
             out[CONTROL] = "predicted"
         return out
 
-    def gw_rows(self, which: str | None = None) -> np.ndarray:
+    def gw_rows(self, label_source: str | None = None) -> np.ndarray:
         """Returns explicit GW rows (N, D) float64; with factors this forms the N x (d*C + C) matrix."""
         from metrics import similarity
 
-        labels = self.gradient_labels(which)
+        labels = self.gradient_labels(label_source)
         if self.gw_kind == "explicit":
             return np.asarray(self.rows, np.float64)
         return similarity.fc_gradients(self.fm, self.probs64, labels)
 
-    def gw_unit_gram(self, which: str | None = None) -> np.ndarray:
+    def gw_unit_gram(self, label_source: str | None = None) -> np.ndarray:
         """Returns the (N, N) Gram matrix of the unit-length GW rows (never forms them with factors)."""
-        labels = self.gradient_labels(which)
+        labels = self.gradient_labels(label_source)
         if self.gw_kind == "kronecker":
             return fc_unit_gram(self.fm, self.probs64, labels)
         X = unit_rows(self.rows)
         return X @ X.T
 
-    def gw_centroid_report(self, which: str | None = None) -> dict:
+    def gw_centroid_report(self, label_source: str | None = None) -> dict:
         """Returns `clustering.misclassified.centroid_report` of GW (from the factors when kept so)."""
         from clustering import misclassified
         from metrics import similarity
 
-        labels = self.gradient_labels(which)
+        labels = self.gradient_labels(label_source)
         if self.gw_kind == "kronecker":
             a = np.concatenate([self.fm, np.ones((len(self.fm), 1))], axis=1)
             delta = similarity.fc_gradient_deltas(self.probs64, labels)
             return misclassified.kron_centroid_report(a, delta, self.labels, self.preds)
         return misclassified.centroid_report(np.asarray(self.rows, np.float64), self.labels, self.preds)
 
-    def gw_cosine_summary(self, group_labels, which: str | None = None):
+    def gw_cosine_summary(self, group_labels, label_source: str | None = None):
         """Returns the CosineSummary of GW grouped by `group_labels`."""
         from metrics import similarity
 
-        labels = self.gradient_labels(which)
+        labels = self.gradient_labels(label_source)
         if self.gw_kind == "kronecker":
             return similarity.fc_gradient_cosine_summary(self.fm, self.probs64, group_labels, labels)
         return similarity.pairwise_cosine_summary(np.asarray(self.rows, np.float64), group_labels)
@@ -174,8 +174,8 @@ def cosine_summaries(rep: Representations) -> dict:
 
     out = {"P": similarity.pairwise_cosine_summary(rep.p, rep.labels),
            "FM": similarity.pairwise_cosine_summary(rep.fm, rep.labels)}
-    for space, which in rep.controls().items():
-        out[space] = rep.gw_cosine_summary(rep.labels, which)
+    for space, source in rep.controls().items():
+        out[space] = rep.gw_cosine_summary(rep.labels, source)
     return {k: asdict(v) for k, v in out.items()}
 
 
@@ -231,8 +231,8 @@ def cluster_spaces(rep: Representations, seed: int = 0, spaces=None, **kwargs) -
     the rows."""
     from clustering import cluster
 
-    makers = {space: (lambda which=which: rep.gw_unit_gram(which), rep.gw_kind == "kronecker")
-              for space, which in rep.controls().items()}
+    makers = {space: (lambda source=source: rep.gw_unit_gram(source), rep.gw_kind == "kronecker")
+              for space, source in rep.controls().items()}
     if rep.gw_kind == "explicit":
         makers["GW"] = (lambda: unit_rows(rep.rows), False)
     makers["P"] = (lambda: unit_rows(rep.p), False)
@@ -259,7 +259,8 @@ def misclassification_report(rep: Representations) -> dict:
               "confusion_pairs": misclassified.confusion_pairs(labels, preds, top=10),
               "most_confident_wrong": misclassified.most_confident_wrong(rep.probs64, labels, top=8).tolist(),
               "nearest_centroid": {}}
-    reports = {space: (lambda which=which: rep.gw_centroid_report(which)) for space, which in rep.controls().items()}
+    reports = {space: (lambda source=source: rep.gw_centroid_report(source))
+               for space, source in rep.controls().items()}
     reports.update({"FM": lambda: misclassified.centroid_report(rep.fm, labels, preds),
                     "P": lambda: misclassified.centroid_report(rep.p, labels, preds)})
     for space in ["GW", "FM", "P"] + [s for s in reports if s not in ("GW", "FM", "P")]:

@@ -196,10 +196,12 @@ def run_extract(ckpt_dir: str, data_spec, out_dir: str, grad_params: str = "fc",
     rows_per_shard = max(1, min(batch_size, HOST_BUDGET_FLOATS // max(1, dim)))
     n_shards = -(-n // rows_per_shard)
 
-    if os.path.exists(man_path):
+    ours = files.is_ours(out_dir, "manifest.json", STORE_FORMAT)
+    if ours is False:
+        raise UserError(f"{out_dir} is not empty and holds no extract store (manifest.json): "
+                        f"choose a new or empty output directory")
+    if ours:
         old = files.read_json(man_path)
-        if old.get("format") != STORE_FORMAT:
-            raise UserError(f"{out_dir} holds a manifest.json that is not an extract store's: choose another directory")
         if force:
             _clear(out_dir)
         else:
@@ -210,9 +212,6 @@ def run_extract(ckpt_dir: str, data_spec, out_dir: str, grad_params: str = "fc",
             if old.get("complete"):
                 log(f"store {out_dir} is already complete ({old['n']} rows): nothing to do (force rebuilds it)")
                 return old
-    elif os.path.isdir(out_dir) and any(not e.startswith(".") for e in os.listdir(out_dir)):
-        raise UserError(f"{out_dir} is not empty and holds no extract store (manifest.json): "
-                        f"choose a new or empty output directory")
     os.makedirs(shard_dir, exist_ok=True)
     manifest = {
         "format": STORE_FORMAT, "complete": False, "run": run, "n": n, "dim": dim, "grad_dim": lay.dim,
@@ -227,7 +226,8 @@ def run_extract(ckpt_dir: str, data_spec, out_dir: str, grad_params: str = "fc",
     # Resume after the leading run of valid shards.
     done = 0
     while done < n_shards and os.path.exists(_shard_path(out_dir, done)) and _valid_shard(
-            _shard_path(out_dir, done), min(rows_per_shard, n - done * rows_per_shard), dim if "gw" in arrays else None):
+            _shard_path(out_dir, done), min(rows_per_shard, n - done * rows_per_shard),
+            dim if "gw" in arrays else None):
         done += 1
     for name in os.listdir(shard_dir):  # leftovers of a killed write
         if ".tmp-" in name:

@@ -117,17 +117,17 @@ def _check_heldout(base_spec: str, limit: int | None, seed: int) -> None:
 
 def _prepare_out_dir(out_dir: str, config: dict, force: bool) -> None:
     path = os.path.join(out_dir, "config.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
+    ours = files.is_ours(out_dir, "config.json")
+    if ours is False:
+        raise UserError(f"{out_dir} exists and holds no reproduce results: pass another --out or remove it")
+    if ours:
+        old = files.read_json(path)
         if old != json.loads(json.dumps(config)):
             if not force:
                 diff = sorted(k for k in set(old) | set(config) if old.get(k) != json.loads(json.dumps(config)).get(k))
                 raise UserError(f"{out_dir} holds results of another configuration ({', '.join(diff)} differ): "
                                 f"pass another --out, or --force to replace them")
             shutil.rmtree(out_dir)
-    elif os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise UserError(f"{out_dir} exists and holds no reproduce results: pass another --out or remove it")
     os.makedirs(os.path.join(out_dir, "figures"), exist_ok=True)
     files.write_json(path, config)
 
