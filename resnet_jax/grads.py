@@ -98,7 +98,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -369,7 +369,7 @@ def _project_pair(xa, gb, proj: Projection):
     n = xa.shape[0]
     xa = xa.reshape(n, -1, r, k1)
     gb = gb.reshape(n, -1, r, k2)
-    out = jnp.einsum("npra,nprb->nrab", xa, gb).reshape(n, r * k1 * k2)
+    out = jnp.einsum("npra,nprb->nrab", xa, gb, preferred_element_type=jnp.float32).reshape(n, r * k1 * k2)
     return out[:, :proj.dim]
 
 
@@ -510,7 +510,8 @@ def _conv_kernel_grad(x, g, ksize, strides, pad, dil):
                                                            w0 + (Wo - 1) * strides[1] + 1, cin),
                                       (1, strides[0], strides[1], 1)))
     xs = wins[0][:, None] if len(wins) == 1 else jnp.stack(wins, axis=1)  # (B, kh*kw, Ho, Wo, cin)
-    w = jnp.einsum("nshwc,nhwo->nsco", xs, g)  # written once, already in (kh, kw, cin, cout) order
+    w = jnp.einsum("nshwc,nhwo->nsco", xs, g,  # written once, already in (kh, kw, cin, cout) order
+                   preferred_element_type=jnp.float32)  # float32 sums over positions (bf16 compute)
     return w.reshape(n, ksize[0], ksize[1], cin, g.shape[-1])
 
 
@@ -526,7 +527,8 @@ def _leaf_grad(tap: _Tap, leaf: str, x, g, bstats):
     if tap.kind == "dense":
         if leaf == "bias":
             return g.reshape(n, -1, g.shape[-1]).sum(1)
-        return jnp.einsum("npi,npo->nio", x.reshape(n, -1, x.shape[-1]), g.reshape(n, -1, g.shape[-1]))
+        return jnp.einsum("npi,npo->nio", x.reshape(n, -1, x.shape[-1]), g.reshape(n, -1, g.shape[-1]),
+                          preferred_element_type=jnp.float32)
     # BatchNorm in eval mode
     eps = tap.conf[0]
     gg = g.reshape(n, -1, g.shape[-1]).astype(jnp.float32)
@@ -798,6 +800,10 @@ class GradFn:
         self._plans[image_shape] = (cfg, mb)
         return cfg, mb
 
+    def grad_floats_per_example(self, image_shape) -> int:
+        """Per-example gradient floats one step holds for images of shape (H, W, 3) (memory planning)."""
+        return self._floats_per_example(self.plan(image_shape)[0], tuple(image_shape))
+
     def _floats_per_example(self, cfg: _Config, image_shape) -> int:
         D = self.layout.dim
         if cfg.method == "vmap":
@@ -818,6 +824,12 @@ class GradFn:
         return total + self.proj.dim
 
     def __call__(self, images, labels=None, ids=None) -> dict:
+        return self.run(self.put(images, labels, lazy=True), ids)
+
+    def put(self, images, labels=None, *, lazy: bool = False) -> "Placed":
+        """Checks a batch and transfers it to the devices, in chunks of the step's size (the last
+        padded by repeating its last example); `lazy` defers each chunk's transfer to `run`.
+        Thread-safe: a prefetching thread can place the next batch while `run` computes this one."""
         images = np.asarray(images, np.float32)
         if images.ndim != 4:
             models.validate_images(images)
@@ -835,12 +847,27 @@ class GradFn:
         else:
             labels = np.zeros((n,), np.int32)
         cfg, mb = self.plan(images.shape[1:])
-        fn = _jitted(cfg, self.mesh)
         nd = self.n_devices
         group = nd * mb
         chunks = max(1, -(-n // group))
         size = -(-n // chunks)
         size = -(-size // nd) * nd
+
+        def chunk(start):
+            x, y = images[start:start + size], labels[start:start + size]
+            real = x.shape[0]
+            if real < size:  # pad (repeating the last example) to the fixed chunk size
+                x = np.concatenate([x, np.repeat(x[-1:], size - real, 0)])
+                y = np.concatenate([y, np.repeat(y[-1:], size - real, 0)])
+            return (jax.device_put(x, self._batch_sharding), jax.device_put(y, self._batch_sharding), start, real)
+
+        starts = range(0, n, size)
+        return Placed(n, cfg, (chunk(s) for s in starts) if lazy else [chunk(s) for s in starts])
+
+    def run(self, placed: "Placed", ids=None) -> dict:
+        """Computes a placed batch; returns the dict of numpy arrays of the class docstring."""
+        n, cfg = placed.n, placed.cfg
+        fn = _jitted(cfg, self.mesh)
         dims = [math.prod(shape) for _, shape, _ in self.layout.entries] if self.proj is None else [self.proj.dim]
         offsets = np.cumsum([0] + dims)
         out: dict = {"gw": np.empty((n, int(offsets[-1])), np.float32)}
@@ -857,14 +884,7 @@ class GradFn:
                     out[k][start:start + real] = a
 
         pending = None
-        for start in range(0, n, size):
-            x, y = images[start:start + size], labels[start:start + size]
-            real = x.shape[0]
-            if real < size:  # pad (repeating the last example) to the fixed chunk size
-                x = np.concatenate([x, np.repeat(x[-1:], size - real, 0)])
-                y = np.concatenate([y, np.repeat(y[-1:], size - real, 0)])
-            xs = jax.device_put(x, self._batch_sharding)
-            ys = jax.device_put(y, self._batch_sharding)
+        for xs, ys, start, real in placed.chunks:  # dispatch the next chunk before collecting the last
             res = fn(self._sel, self._fro, self._bs, self._factors, xs, ys)
             if pending is not None:
                 collect(*pending)
@@ -881,6 +901,15 @@ class GradFn:
             raise UserError(f"NaN or Inf in the images, logits or gradients of {len(bad)} image(s): "
                             f"{', '.join(names)}{more}; check these images and the checkpoint's weights")
         return out
+
+
+class Placed(NamedTuple):
+    """A batch on the devices (`GradFn.put`): n examples, the step's configuration and its chunks
+    (images, labels, first row, real rows)."""
+
+    n: int
+    cfg: Any
+    chunks: Any
 
 
 def build(model, variables, **kwargs) -> GradFn:

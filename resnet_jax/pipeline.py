@@ -93,8 +93,11 @@ def replace_dir(tmp_dir: str, out_dir: str) -> None:
 
 def run_gradcam(ckpt_dir: str, data_spec: str, out_dir: str, layer: str = "layer4", method: str = "gradcam",
                 target: str = "true", limit: int | None = None, batch_size: int = 64, max_pairs: int = 2000,
-                per_class: int = 4, seed: int = 0, progress: bool = True) -> dict:
+                per_class: int = 4, seed: int = 0, progress: bool = True, precision: str = "fp32") -> dict:
     """Computes Grad-CAM maps of a data set and their agreement scores; returns the summary.
+
+    Batches are read and transferred on a background thread while the previous one computes
+    (`prefetch.prefetch`); `precision` "bf16" computes in bfloat16 (`precision.py`).
 
     Writes into out_dir (replaced whole, only once everything is computed): `cams.npy` (N, H, W)
     float32, `labels.npy`, `preds.npy`, `degenerate.npy`, `ids.json`, `metrics.json`, `metrics.csv`
@@ -105,25 +108,29 @@ def run_gradcam(ckpt_dir: str, data_spec: str, out_dir: str, layer: str = "layer
     from clustering import figures
     from metrics import agreement
 
-    from . import checkpoint, data, gradcam
+    import jax
+
+    from . import checkpoint, data, gradcam, precision as precisions
+    from .prefetch import prefetch
 
     if target not in gradcam.TARGETS:
         raise UserError(f"unknown target {target!r}: choose one of {', '.join(gradcam.TARGETS)}")
     _check_out_dir(out_dir, GRADCAM_FORMAT)
     ckpt = checkpoint.load(ckpt_dir)
     ds = data.load_for_checkpoint(data_spec, ckpt.meta, seed=seed)
-    model = ckpt.model
+    model = precisions.with_precision(ckpt.model, precision)
     n = len(ds) if limit is None else min(len(ds), int(limit))
     if n < 1:
         raise UserError(f"--limit must be at least 1, got {limit}")
     cams, logits, degenerate, masks, shown = [], [], [], [], {}
     bar = tqdm(total=n, desc=f"Grad-CAM {ckpt.meta['model']}", unit="img", disable=not progress, leave=False)
-    for batch in ds.batches(batch_size):
+    batches = prefetch(ds.batches(batch_size), lambda b: (b, jax.device_put(b.images[:n])))
+    for batch, on_device in batches:
         take = min(len(batch.labels), n - sum(len(c) for c in cams))
         if take <= 0:
             break
         images, labels = batch.images[:take], batch.labels[:take]
-        out = gradcam.gradcam_with_outputs(model, ckpt.variables, images,
+        out = gradcam.gradcam_with_outputs(model, ckpt.variables, on_device[:take],
                                            labels if target == "true" else None, layer, method)
         cams.append(np.asarray(out.cams))
         logits.append(np.asarray(out.logits))
@@ -137,13 +144,14 @@ def run_gradcam(ckpt_dir: str, data_spec: str, out_dir: str, layer: str = "layer
             if len(shown.setdefault(int(label), [])) < per_class:
                 shown[int(label)].append((offset + k, images[k]))
         bar.update(take)
+    batches.close()
     bar.close()
     cams, logits, degenerate = np.concatenate(cams), np.concatenate(logits), np.concatenate(degenerate)
     labels = np.asarray(ds.labels[:n], np.int32)
     preds = np.argmax(logits, -1).astype(np.int32)
     summary = {"format": GRADCAM_FORMAT, "checkpoint": os.path.abspath(ckpt_dir), "checkpoint_step": ckpt.step,
                "model": ckpt.meta["model"], "class_names": ckpt.meta["class_names"], "data": ds.spec, "n": int(n),
-               "limit": limit, "layer": layer, "method": method, "target": target,
+               "limit": limit, "layer": layer, "method": method, "target": target, "precision": precision,
                "accuracy": float(np.mean(preds == labels)), "degenerate_maps": int(degenerate.sum()),
                "consistency": agreement.consistency(cams, labels, max_pairs=max_pairs, seed=seed),
                "localisation": agreement.localisation(cams, np.concatenate(masks)) if masks else None}
