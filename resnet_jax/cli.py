@@ -16,8 +16,9 @@ from .errors import UserError
 MODEL_CHOICES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 # Measured by `python -m resnet_jax.device_check accuracy` (README, "Mixed precision").
 PRECISION_HELP = ("fp32, or bf16: bfloat16 compute, float32 parameters, gradient sums and Grad-CAM maps. "
-                  "Against fp32 on 540 digits images (ResNet-18): fc gradient cosine mean 0.99995 (min 0.9994), "
-                  "projected all-parameter cosine mean 0.990 (min 0.95), Grad-CAM CC mean 0.997.")
+                  "bf16 against fp32 on the 540 held-out digits (ResNet-18, 3 epochs, CPU): fc gradient cosine "
+                  "mean 0.99996 (min 0.9993), projected all-parameter cosine mean 0.9994 (min 0.989), Grad-CAM "
+                  "CC mean 0.99998 (min 0.9992), the same prediction for 99.4% of the images.")
 
 
 def _setup_jax() -> None:

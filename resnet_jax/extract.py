@@ -18,6 +18,9 @@ Rows are the data set's examples in their unshuffled order (the first `limit`, o
 slice, see `grads.process_shard`). Shard i holds rows [i*R, (i+1)*R), R = manifest["shards"]["rows"]; every file is
 written to a temporary name and renamed (atomic), so a shard or array that exists is whole.
 
+Feeding the device: a background thread reads, decodes and transfers the next batch while the
+current one computes, and another writes the finished shards (`prefetch.py`).
+
 Resuming: the manifest (complete: false) is written first. A later run with the same arguments
 reads it, checks that it describes the same run, keeps the leading run of valid shards and
 continues from the first missing one (`Dataset.batches(start=...)`); the computation of one shard
