@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import os
 import shutil
@@ -124,7 +125,8 @@ def run_gradcam(ckpt_dir: str, data_spec: str, out_dir: str, layer: str = "layer
         raise UserError(f"--limit must be at least 1, got {limit}")
     cams, logits, degenerate, masks, shown = [], [], [], [], {}
     bar = tqdm(total=n, desc=f"Grad-CAM {ckpt.meta['model']}", unit="img", disable=not progress, leave=False)
-    batches = prefetch(ds.batches(batch_size), lambda b: (b, jax.device_put(b.images[:n])))
+    needed = itertools.islice(ds.batches(batch_size), -(-n // batch_size))
+    batches = prefetch(needed, lambda b: (b, jax.device_put(b.images)))
     for batch, on_device in batches:
         take = min(len(batch.labels), n - sum(len(c) for c in cams))
         if take <= 0:
