@@ -160,7 +160,8 @@ def run_extract(ckpt_dir: str, data_spec, out_dir: str, grad_params: str = "fc",
     `data.Dataset`. `process=(index, count)` extracts only that process's slice (multi-host).
     `stop_after_shards` (tests) stops with an exception after writing that many shards. `data_seed`
     is the seed of seeded sources (digits placement and noise); `seed` is the projection's.
-    `batch_size=None` chooses it from the device's free memory (`prefetch.auto_batch_size`);
+    `batch_size=None` chooses it from the device's free memory (`prefetch.auto_batch_size`), or
+    takes the batch size of the run stored in `out_dir` when resuming;
     `precision` is "fp32" or "bf16" (`precision.py`).
     """
     from . import checkpoint, grads, models, precision as precisions
@@ -180,6 +181,9 @@ def run_extract(ckpt_dir: str, data_spec, out_dir: str, grad_params: str = "fc",
                            max_grad_floats=max_grad_floats, method=method)
 
     fn = None
+    man_path = os.path.join(out_dir, "manifest.json")
+    if batch_size is None and os.path.exists(man_path) and not force:  # resume with the store's own batch size
+        batch_size = _read_json(man_path).get("run", {}).get("batch_size")
     if batch_size is None:
         fn = build_step()
         size = int(meta["image_size"])
@@ -221,7 +225,6 @@ def run_extract(ckpt_dir: str, data_spec, out_dir: str, grad_params: str = "fc",
         "data_size": int(n_all), "data_digest": _digest(ids, labels),
         "grad_paths_digest": hashlib.sha256("\n".join(lay.paths).encode()).hexdigest(),
     }
-    man_path = os.path.join(out_dir, "manifest.json")
     shard_dir = os.path.join(out_dir, "shards")
     # Rows per shard (and per loaded batch): batch_size, fewer when a batch's gradients would not fit
     # HOST_BUDGET_FLOATS (e.g. params=all without projection). Fixed by the arguments.

@@ -128,3 +128,18 @@ def test_batch_size_from_device_memory():
     want = 1 << int(np.floor(np.log2(free // 2 // per_example)))  # 150 fit in half: 128
     assert auto_batch_size(model, 72, 4000, devices=[_FakeDevice(free, 0)]) == want == 128
     assert auto_batch_size(model, 72, 4000, devices=[_FakeDevice(free, 0)] * 2) == 2 * 64
+
+
+def test_extract_without_batch_size_resumes_with_the_stores_own(tiny_ckpt, tiny_folder, tmp_path):
+    from resnet_jax import extract
+
+    spec = f"folder:{tiny_folder}"
+    out = str(tmp_path / "store")
+    with pytest.raises(extract._Stop):
+        extract.run_extract(tiny_ckpt, spec, out, batch_size=2, progress=False, stop_after_shards=1)
+    resumed = extract.run_extract(tiny_ckpt, spec, out, batch_size=None, progress=False)
+    assert resumed["run"]["batch_size"] == 2 and resumed["complete"]
+    fresh = extract.run_extract(tiny_ckpt, spec, str(tmp_path / "auto"), batch_size=None, progress=False)
+    assert fresh["run"]["batch_size"] == 64  # the CPU reports no memory statistics: the default
+    np.testing.assert_allclose(np.load(os.path.join(out, "gw.npy")), np.load(str(tmp_path / "auto" / "gw.npy")),
+                               rtol=1e-5, atol=1e-6)
