@@ -291,8 +291,9 @@ def run_extract(ckpt_dir: str, data_spec, out_dir: str, grad_params: str = "fc",
         batches = zip(range(done, n_shards), ds.batches(rows_per_shard, start=lo + done * rows_per_shard))
         try:
             with BackgroundWriter() as writer, contextlib.closing(prefetch(batches, place)) as placed:
-                for shard, bids, blabels, batch in placed:
-                    out = fn.run(batch, bids)
+                def finish(shard, bids, blabels, launched):  # collect a shard, hand it to the writer
+                    nonlocal written, next_shard
+                    out = fn.collect(launched, bids)
                     arrays = {"gw": out["gw"], "p": out["probs"], "logits": out["logits"], "fm": out["fm"],
                               "labels": blabels, "preds": out["preds"].astype(np.int32), "ids": np.asarray(bids)}
                     writer.submit(_write_atomic, _shard_path(out_dir, shard), partial(_savez, arrays=arrays))
@@ -301,6 +302,15 @@ def run_extract(ckpt_dir: str, data_spec, out_dir: str, grad_params: str = "fc",
                     bar.update(len(bids))
                     if stop_after_shards is not None and written >= stop_after_shards and next_shard < n_shards:
                         raise _Stop(f"stopped after {written} shard(s) (test hook)")
+
+                pending = None
+                for shard, bids, blabels, batch in placed:
+                    launched = fn.launch(batch)  # the device computes this shard while the last is collected
+                    if pending is not None:
+                        finish(*pending)
+                    pending = (shard, bids, blabels, launched)
+                if pending is not None:
+                    finish(*pending)
         finally:
             bar.close()
         if next_shard < n_shards:

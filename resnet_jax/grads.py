@@ -98,7 +98,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -824,12 +824,12 @@ class GradFn:
         return total + self.proj.dim
 
     def __call__(self, images, labels=None, ids=None) -> dict:
-        return self.run(self.put(images, labels, lazy=True), ids)
+        return self.collect(self.launch(self.put(images, labels, lazy=True)), ids)
 
     def put(self, images, labels=None, *, lazy: bool = False) -> "Placed":
         """Checks a batch and transfers it to the devices, in chunks of the step's size (the last
-        padded by repeating its last example); `lazy` defers each chunk's transfer to `run`.
-        Thread-safe: a prefetching thread can place the next batch while `run` computes this one."""
+        padded by repeating its last example); `lazy` defers each chunk's transfer to its launch.
+        Thread-safe: a prefetching thread can place the next batch while this one computes."""
         images = np.asarray(images, np.float32)
         if images.ndim != 4:
             models.validate_images(images)
@@ -864,10 +864,17 @@ class GradFn:
         starts = range(0, n, size)
         return Placed(n, cfg, (chunk(s) for s in starts) if lazy else [chunk(s) for s in starts])
 
-    def run(self, placed: "Placed", ids=None) -> dict:
-        """Computes a placed batch; returns the dict of numpy arrays of the class docstring."""
-        n, cfg = placed.n, placed.cfg
-        fn = _jitted(cfg, self.mesh)
+    def launch(self, placed: "Placed") -> tuple:
+        """Dispatches the steps of a placed batch (asynchronously) and returns them for `collect`:
+        all at once when its chunks were placed eagerly, else one by one as `collect` goes."""
+        fn = _jitted(placed.cfg, self.mesh)
+        steps = ((fn(self._sel, self._fro, self._bs, self._factors, xs, ys), start, real)
+                 for xs, ys, start, real in placed.chunks)
+        return placed.n, (steps if isinstance(placed.chunks, Iterator) else list(steps))
+
+    def collect(self, launched: tuple, ids=None) -> dict:
+        """Waits for launched steps; returns the dict of numpy arrays of the class docstring."""
+        n, steps = launched
         dims = [math.prod(shape) for _, shape, _ in self.layout.entries] if self.proj is None else [self.proj.dim]
         offsets = np.cumsum([0] + dims)
         out: dict = {"gw": np.empty((n, int(offsets[-1])), np.float32)}
@@ -884,11 +891,10 @@ class GradFn:
                     out[k][start:start + real] = a
 
         pending = None
-        for xs, ys, start, real in placed.chunks:  # dispatch the next chunk before collecting the last
-            res = fn(self._sel, self._fro, self._bs, self._factors, xs, ys)
+        for step in steps:  # (lazy launch: dispatches the next chunk before the last is collected)
             if pending is not None:
                 collect(*pending)
-            pending = (res, start, real)
+            pending = step
         if pending is not None:
             collect(*pending)
         if n == 0:
