@@ -43,6 +43,56 @@ def random_variables(model, image_size: int, seed: int = 0) -> dict:
 
 
 
+def random_batch(n: int, image_size: int, num_classes: int, seed: int = 1, sharding=None):
+    """Returns seeded images (n, S, S, 3) float32 ~ N(0, 1) and labels (n,) int32 in [0, num_classes):
+    numpy arrays, or device arrays placed with `sharding` when it is given."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, image_size, image_size, 3)).astype(np.float32)
+    y = rng.integers(0, num_classes, size=n).astype(np.int32)
+    return (x, y) if sharding is None else (jax.device_put(x, sharding), jax.device_put(y, sharding))
+
+
+STEPS = ("forward", "fwd_bwd", "fc", "all_vmap", "all_taps", "projected_all", "gradcam", "train_step")
+
+
+def step_callable(name: str, model, variables, x, y, *, project_dim: int = 1024, kron=projection.DEFAULT_KRON):
+    """Returns (call, method): call() computes one batch of step `name` (one of STEPS) on the device
+    arrays x (B, H, W, 3), y (B,) (sharded over `grads.make_mesh()`'s batch axis) and blocks until it
+    is done; method is the per-example gradient method ("closed", "vmap", "taps"), else None.
+    `variables` are on the device (replicated); the training step updates copies of them."""
+    if name in ("fc", "all_vmap", "all_taps", "projected_all"):
+        kw = {"fc": dict(params="fc"), "all_vmap": dict(params="all", method="vmap"),
+              "all_taps": dict(params="all", method="taps"),
+              "projected_all": dict(params="all", project_dim=project_dim, kron=kron)}[name]
+        step, method = grads.GradFn(model, variables, max_grad_floats=1 << 40, **kw).device_step(x.shape[1:])
+        return (lambda: jax.block_until_ready(step(x, y))), method
+    if name == "forward":
+        fwd = jax.jit(lambda v, a: models.apply(model, v, a)[0])
+        return (lambda: fwd(variables, x).block_until_ready()), None
+    if name == "fwd_bwd":
+        def mean_loss(p, bs, a, b):
+            logits, _ = models.apply(model, {"params": p, "batch_stats": bs}, a)
+            return jnp.mean(losses.cross_entropy(logits, b))
+        fb = jax.jit(jax.grad(mean_loss))
+        return (lambda: jax.block_until_ready(fb(variables["params"], variables["batch_stats"], x, y))), None
+    if name == "gradcam":
+        cam = gradcam.compiled(model, "layer4", "gradcam")
+        return (lambda: jax.block_until_ready(cam(variables, x, y))), None
+    if name == "train_step":
+        tx = optax.adamw(1e-3)
+        step = train.make_train_step(model, tx)  # params, batch_stats, opt_state donated: copies
+        copy = partial(jax.tree_util.tree_map, jnp.copy)
+        state = [copy(variables["params"]), copy(variables["batch_stats"]), tx.init(variables["params"])]
+        rng = jax.random.key(0)
+
+        def one():
+            *new, metrics = step(*state, x, y, rng)
+            state[:] = new
+            jax.block_until_ready(metrics)
+        return one, None
+    raise UserError(f"unknown benchmark step {name!r}: choose one of {', '.join(STEPS)}")
+
+
 def bench_grads(model_name: str = "resnet50", image_size: int = 224, batch: int = 32, vmap_batch: int = 8,
                 loop_n: int = 8, project_dim: int = 1024, steps: int = 3, num_classes: int = 1000,
                 stem: str = "standard", kron=projection.DEFAULT_KRON, which: Sequence[str] | None = None,
@@ -56,50 +106,25 @@ def bench_grads(model_name: str = "resnet50", image_size: int = 224, batch: int 
     say = log or (lambda *_: None)
     model = models.create(model_name, num_classes, stem)
     variables = random_variables(model, image_size)
-    rng = np.random.default_rng(1)
     mesh = grads.make_mesh()
     nd = mesh.devices.size
     batch = -(-batch // nd) * nd
     vmap_batch = -(-vmap_batch // nd) * nd
     shard = NamedSharding(mesh, P("batch"))
-    rep = NamedSharding(mesh, P())
-    var_d = jax.device_put(variables, rep)
-
-    def inputs(n):
-        x = rng.normal(size=(n, image_size, image_size, 3)).astype(np.float32)
-        y = rng.integers(0, num_classes, size=n).astype(np.int32)
-        return jax.device_put(x, shard), jax.device_put(y, shard)
-
-    x, y = inputs(batch)
-    xv, yv = inputs(vmap_batch)
+    var_d = jax.device_put(variables, NamedSharding(mesh, P()))
+    x, y = random_batch(batch, image_size, num_classes, seed=1, sharding=shard)
+    xv, yv = random_batch(vmap_batch, image_size, num_classes, seed=2, sharding=shard)
 
     want = set(which) if which else {"forward", "fwd_bwd", "fc", "all_vmap", "all_taps", "projected_all", "loop"}
     cases: list = []  # (name, blocking callable, samples per call)
     methods: dict = {}
-
-    if "forward" in want:
-        fwd = jax.jit(lambda v, a: models.apply(model, v, a)[0])
-        cases.append(("forward", lambda: fwd(var_d, x).block_until_ready(), batch))
-    if "fwd_bwd" in want:
-        def mean_loss(p, bs, a, b):
-            logits, _ = models.apply(model, {"params": p, "batch_stats": bs}, a)
-            return jnp.mean(losses.cross_entropy(logits, b))
-        fb = jax.jit(jax.grad(mean_loss))
-        cases.append(("fwd_bwd", lambda: jax.block_until_ready(fb(var_d["params"], var_d["batch_stats"], x, y)),
-                      batch))
-
-    def per_example(name, n, a, b, **kw):
-        step, methods[name] = grads.GradFn(model, variables, max_grad_floats=1 << 40, **kw).device_step(a.shape[1:])
-        cases.append((name, lambda: jax.block_until_ready(step(a, b)), n))
-
-    if "fc" in want:
-        per_example("fc", batch, x, y, params="fc")
-    if "all_vmap" in want:
-        per_example("all_vmap", vmap_batch, xv, yv, params="all", method="vmap")
-    if "all_taps" in want:
-        per_example("all_taps", vmap_batch, xv, yv, params="all", method="taps")
-    if "projected_all" in want:
-        per_example("projected_all", batch, x, y, params="all", project_dim=project_dim, kron=kron)
+    for name in ("forward", "fwd_bwd", "fc", "all_vmap", "all_taps", "projected_all"):
+        if name in want:
+            a, b, n = (xv, yv, vmap_batch) if name.startswith("all_") else (x, y, batch)
+            call, method = step_callable(name, model, var_d, a, b, project_dim=project_dim, kron=kron)
+            cases.append((name, call, n))
+            if method is not None:
+                methods[name] = method
     if "loop" in want:
         one = jax.jit(jax.grad(partial(losses.example_loss, model)))
         dev = jax.local_devices()[0]

@@ -2,6 +2,7 @@
 directory, `load_cams` reads it back."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -18,8 +19,12 @@ FIGURE_CLASSES = 10  # image grids show at most this many classes (one row each)
 
 def run_gradcam(ckpt_dir: str, data_spec: str, out_dir: str, layer: str = "layer4", method: str = "gradcam",
                 label_source: str = "true", limit: int | None = None, batch_size: int = 64, max_pairs: int = 2000,
-                per_class: int = 4, seed: int = 0, progress: bool = True, loaded=None) -> dict:
+                per_class: int = 4, seed: int = 0, progress: bool = True, loaded=None,
+                precision: str = "fp32") -> dict:
     """Computes Grad-CAM maps of a data set and their agreement scores; returns the summary.
+
+    Batches are read and transferred on a background thread while the previous one computes
+    (`prefetch.prefetch`); `precision` "bf16" computes in bfloat16 (`precision.py`).
 
     Writes into out_dir (replaced whole, only once everything is computed): `cams.npy` (N, H, W)
     float32, `labels.npy`, `preds.npy`, `degenerate.npy`, `ids.json`, `metrics.json`, `metrics.csv`
@@ -31,9 +36,13 @@ def run_gradcam(ckpt_dir: str, data_spec: str, out_dir: str, layer: str = "layer
     from clustering import figures
     from metrics import agreement
 
-    from . import checkpoint, data, gradcam, grads
+    import jax
+
+    from . import checkpoint, data, gradcam, grads, precision as precisions
+    from .prefetch import prefetch
 
     grads.check_label_source(label_source)
+    precisions.check(precision)
     files.check_ours(out_dir, "metrics.json", GRADCAM_FORMAT)
     ckpt = checkpoint.load(ckpt_dir) if loaded is None else loaded
     if isinstance(data_spec, data.Dataset):
@@ -41,18 +50,20 @@ def run_gradcam(ckpt_dir: str, data_spec: str, out_dir: str, layer: str = "layer
         data.check_classes(ds, ckpt.meta)
     else:
         ds = data.load_for_checkpoint(data_spec, ckpt.meta, seed=seed)
-    model = ckpt.model
+    model = precisions.with_precision(ckpt.model, precision)
     n = len(ds) if limit is None else min(len(ds), int(limit))
     if n < 1:
         raise UserError(f"--limit must be at least 1, got {limit}")
     cams, logits, degenerate, masks, shown = [], [], [], [], {}
     bar = tqdm(total=n, desc=f"Grad-CAM {ckpt.meta['model']}", unit="img", disable=not progress, leave=False)
-    for batch in ds.batches(batch_size):
+    needed = itertools.islice(ds.batches(batch_size), -(-n // batch_size))
+    batches = prefetch(needed, lambda b: (b, jax.device_put(b.images)))
+    for batch, on_device in batches:
         take = min(len(batch.labels), n - sum(len(c) for c in cams))
         if take <= 0:
             break
         images, labels = batch.images[:take], batch.labels[:take]
-        out = gradcam.gradcam_with_outputs(model, ckpt.variables, images,
+        out = gradcam.gradcam_with_outputs(model, ckpt.variables, on_device[:take],
                                            labels if label_source == "true" else None, layer, method)
         cams.append(np.asarray(out.cams))
         logits.append(np.asarray(out.logits))
@@ -66,6 +77,7 @@ def run_gradcam(ckpt_dir: str, data_spec: str, out_dir: str, layer: str = "layer
             if len(shown.setdefault(int(label), [])) < per_class:
                 shown[int(label)].append((offset + k, images[k]))
         bar.update(take)
+    batches.close()
     bar.close()
     cams, logits, degenerate = np.concatenate(cams), np.concatenate(logits), np.concatenate(degenerate)
     labels = np.asarray(ds.labels[:n], np.int32)
@@ -73,6 +85,7 @@ def run_gradcam(ckpt_dir: str, data_spec: str, out_dir: str, layer: str = "layer
     summary = {"format": GRADCAM_FORMAT, "checkpoint": os.path.abspath(ckpt_dir), "checkpoint_step": ckpt.step,
                "model": ckpt.meta["model"], "class_names": ckpt.meta["class_names"], "data": ds.spec, "n": int(n),
                "limit": limit, "layer": layer, "method": method, "label_source": label_source,
+               "precision": precision,
                "accuracy": float(np.mean(preds == labels)), "degenerate_maps": int(degenerate.sum()),
                "consistency": agreement.consistency(cams, labels, max_pairs=max_pairs, seed=seed),
                "localisation": agreement.localisation(cams, np.concatenate(masks)) if masks else None}

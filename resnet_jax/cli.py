@@ -14,6 +14,11 @@ import click
 from .errors import UserError
 
 MODEL_CHOICES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+# Measured by `python -m resnet_jax.device_check accuracy` (README, "Mixed precision").
+PRECISION_HELP = ("fp32, or bf16: bfloat16 compute, float32 parameters, gradient sums and Grad-CAM maps. "
+                  "bf16 against fp32 on the 540 held-out digits (ResNet-18, 3 epochs, CPU): fc gradient cosine "
+                  "mean 0.99996 (min 0.9993), projected all-parameter cosine mean 0.9994 (min 0.989), Grad-CAM "
+                  "CC mean 0.99998 (min 0.9992), the same prediction for 99.4% of the images.")
 
 
 def _setup_jax() -> None:
@@ -71,9 +76,11 @@ def models_cmd(num_classes):
 @click.option("--grad-mi", default=0.0, show_default=True, help="λ2 of the gradient mutual-information term.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", "out_dir", required=True, help="Checkpoint directory; training resumes from it.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help=PRECISION_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train(model, data_spec, epochs, batch_size, images_per_epoch, learning_rate, weight_decay, stem, image_size,
-          augment_shift, grad_align, grad_mi, seed, out_dir, quiet):
+          augment_shift, grad_align, grad_mi, seed, out_dir, precision, quiet):
     """Train a ResNet, report held-out accuracy each epoch, checkpoint each epoch (resumable)."""
     _setup_jax()
     from . import train as training
@@ -82,7 +89,7 @@ def train(model, data_spec, epochs, batch_size, images_per_epoch, learning_rate,
                                   images_per_epoch=images_per_epoch, learning_rate=learning_rate,
                                   weight_decay=weight_decay, stem=stem, image_size=image_size, seed=seed,
                                   augment_shift=augment_shift,
-                                  grad_align=grad_align, grad_mi=grad_mi)
+                                  grad_align=grad_align, grad_mi=grad_mi, precision=precision)
     result = training.fit(config, out_dir, progress=not quiet, log=click.echo)
     click.echo(f"test accuracy {result['test_accuracy']:.4f} on {result['test_split']} after {len(result['history'])} "
                f"epochs ({result['seconds']:.0f} s this run); checkpoint: {out_dir}")
@@ -143,9 +150,12 @@ def info(ckpt):
               help="Label of the loss: the true label (the draft) or the argmax prediction (control).")
 @click.option("--project-dim", type=int, default=None,
               help="Random projection of each gradient to this many dimensions (seeded, on device).")
-@click.option("--batch-size", default=64, show_default=True, help="Images per shard (and per step).")
+@click.option("--batch-size", type=int, default=None,
+              help="Images per shard (and per step); default: from the device's free memory (64 on the CPU).")
 @click.option("--limit", type=int, default=None, help="Only the first N images.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the projection.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help=PRECISION_HELP)
 @click.option("--force", is_flag=True, help="Rebuild the store even if it holds a complete or other run.")
 @click.option("--distributed", is_flag=True,
               help="Multi-host: call jax.distributed.initialize() and extract this process's slice of the data "
@@ -158,8 +168,8 @@ def info(ckpt):
               help="Also write the explicit N x (d*C + C) fc gradients (gw.npy); without it an fc store without "
                    "projection keeps their exact factors (fm, logits, labels) and every reader uses those.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def extract(ckpt_dir, data_spec, out_dir, grad_params, label_source, project_dim, batch_size, limit, seed, force,
-            distributed, coordinator, num_processes, process_id, save_gw, quiet):
+def extract(ckpt_dir, data_spec, out_dir, grad_params, label_source, project_dim, batch_size, limit, seed, precision,
+            force, distributed, coordinator, num_processes, process_id, save_gw, quiet):
     """Write per-example gradients (GW), probabilities (P), logits, features (FM), labels and ids."""
     _setup_jax()
     from . import extract as extraction
@@ -175,7 +185,7 @@ def extract(ckpt_dir, data_spec, out_dir, grad_params, label_source, project_dim
     manifest = extraction.run_extract(ckpt_dir, data_spec, out_dir, grad_params=grad_params,
                                       label_source=label_source, project_dim=project_dim, seed=seed,
                                       batch_size=batch_size, limit=limit, progress=not quiet, force=force,
-                                      process=process, save_gw=save_gw, log=click.echo)
+                                      process=process, save_gw=save_gw, precision=precision, log=click.echo)
     kept = "as rows" if "gw.npy" in manifest["files"] else "as its factors fm, logits and labels"
     click.echo(f"store {out_dir}: {manifest['n']} images, gw {manifest['n']} x {manifest['dim']} {kept} "
                f"({manifest['run']['grad_params']}, {manifest['run']['label_source']} labels)")
@@ -197,14 +207,18 @@ def extract(ckpt_dir, data_spec, out_dir, grad_params, label_source, project_dim
 @click.option("--max-pairs", default=2000, show_default=True,
               help="Same-class pairs of maps to compare (a seeded sample when there are more).")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help=PRECISION_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def gradcam(ckpt_dir, data_spec, out_dir, layer, method, label_source, limit, batch_size, max_pairs, seed, quiet):
+def gradcam(ckpt_dir, data_spec, out_dir, layer, method, label_source, limit, batch_size, max_pairs, seed, precision,
+            quiet):
     """Grad-CAM maps (cams.npy), agreement metrics (CSV/JSON) and an overlay grid (PNG)."""
     _setup_jax()
     from . import cams, tables
 
     summary = cams.run_gradcam(ckpt_dir, data_spec, out_dir, layer=layer, method=method, label_source=label_source,
-                               limit=limit, batch_size=batch_size, max_pairs=max_pairs, seed=seed, progress=not quiet)
+                               limit=limit, batch_size=batch_size, max_pairs=max_pairs, seed=seed, progress=not quiet,
+                               precision=precision)
     rows = cams.cam_metric_rows(summary)
     click.echo(tables.markdown_table(rows, ("comparison", "metric", "mean", "std", "n", "undefined")))
     click.echo(f"{summary['n']} maps of {summary['data']} ({summary['degenerate_maps']} all-zero) compared with "

@@ -23,6 +23,9 @@ Rows are the data set's examples in their unshuffled order (the first `limit`, o
 slice, see `grads.process_shard`). Shard i holds rows [i*R, (i+1)*R), R = manifest["shards"]["rows"]; every file is
 written to a temporary name and renamed (atomic), so a shard or array that exists is whole.
 
+Feeding the device: a background thread reads, decodes and transfers the next batch while the
+current one computes, and another writes the finished shards (`prefetch.py`).
+
 Resuming: the manifest (complete: false) is written first. A later run with the same arguments
 reads it, checks that it describes the same run, keeps the leading run of valid shards and
 continues from the first missing one (`Dataset.batches(start=...)`); the computation of one shard
@@ -34,6 +37,7 @@ complete identical store is left as it is (`force=True` rebuilds either).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -45,6 +49,7 @@ import numpy as np
 
 from . import files
 from .errors import UserError
+from .prefetch import BackgroundWriter, prefetch
 
 STORE_FORMAT = "resnet-jax-store/1"
 ARRAYS = ("gw", "p", "logits", "fm", "labels", "preds")
@@ -127,11 +132,12 @@ def _valid_shard(path: str, rows: int, dim: int | None) -> bool:
 
 
 def run_extract(ckpt_dir: str, data_spec, out_dir: str, grad_params: str = "fc", label_source: str = "true",
-                project_dim: int | None = None, seed: int = 0, batch_size: int = 64, limit: int | None = None,
+                project_dim: int | None = None, seed: int = 0, batch_size: int | None = 64, limit: int | None = None,
                 progress: bool = True, *, force: bool = False, split: str | None = None,
                 process: tuple[int, int] | None = None, projection: str = "rademacher",
                 max_grad_floats: int | None = None, method: str = "auto", stop_after_shards: int | None = None,
-                data_seed: int = 0, save_gw: bool = False, loaded=None, log=print) -> dict:
+                data_seed: int = 0, save_gw: bool = False, loaded=None, precision: str = "fp32",
+                log=print) -> dict:
     """Extracts into the store `out_dir` (see the module docstring) and returns its manifest.
 
     `data_spec` is a data spec ("digits:test", "folder:PATH", "tfds:NAME:SPLIT") or a loaded
@@ -140,16 +146,36 @@ def run_extract(ckpt_dir: str, data_spec, out_dir: str, grad_params: str = "fc",
     is the seed of seeded sources (digits placement and noise); `seed` is the projection's.
     `save_gw` also writes the explicit fc gradient rows when they are kept as factors; `loaded` is
     the already restored `checkpoint.Checkpoint` of `ckpt_dir` (else it is restored here).
+    `batch_size=None` chooses it from the device's free memory (`prefetch.auto_batch_size`), or
+    takes the batch size of the run stored in `out_dir` when resuming; `precision` is "fp32" or
+    "bf16" (`precision.py`).
     """
-    from . import checkpoint, grads, models, params
+    from . import checkpoint, grads, models, params, precision as precisions
+    from .prefetch import auto_batch_size
     from .projection import Projection
 
-    _check_args(grad_params, label_source, project_dim, batch_size, limit, process)
-    batch_size = int(batch_size)
+    precisions.check(precision)
+    _check_args(grad_params, label_source, project_dim, 1 if batch_size is None else batch_size, limit, process)
     ckpt = checkpoint.load(ckpt_dir) if loaded is None else loaded
     meta = ckpt.meta
     ds = _open_data(data_spec, split, meta, data_seed)
-    model = models.create(meta["model"], meta["num_classes"], meta.get("stem", "standard"))
+    model = precisions.with_precision(models.create(meta["model"], meta["num_classes"], meta.get("stem", "standard")),
+                                      precision)
+
+    def build_step():
+        return grads.build(model, ckpt.variables, params=grad_params, label_source=label_source,
+                           project_dim=project_dim, seed=seed, projection=projection,
+                           max_grad_floats=max_grad_floats, method=method)
+
+    fn = None
+    man_path = os.path.join(out_dir, "manifest.json")
+    if batch_size is None and not force and files.is_ours(out_dir, "manifest.json", STORE_FORMAT):
+        batch_size = files.read_json(man_path).get("run", {}).get("batch_size")  # resume with the store's own
+    if batch_size is None:
+        fn = build_step()
+        size = int(meta["image_size"])
+        batch_size = auto_batch_size(model, size, 4 * fn.grad_floats_per_example((size, size, 3)))
+    batch_size = int(batch_size)
     lay = params.layout(ckpt.variables["params"], grad_params)
 
     n_all = len(ds)
@@ -184,12 +210,12 @@ def run_extract(ckpt_dir: str, data_spec, out_dir: str, grad_params: str = "fc",
         "limit": None if limit is None else int(limit), "batch_size": batch_size,
         "process": None if process is None else [int(process[0]), int(process[1])],
         "method": method, "max_grad_floats": None if max_grad_floats is None else int(max_grad_floats),
+        "precision": precision,
         "data_size": int(n_all), "data_digest": _digest(ids, labels),
         "grad_paths_digest": hashlib.sha256("\n".join(lay.paths).encode()).hexdigest(),
     }
     if save_gw:
         run["save_gw"] = True
-    man_path = os.path.join(out_dir, "manifest.json")
     shard_dir = os.path.join(out_dir, "shards")
     # Rows per shard (and per loaded batch): batch_size, fewer when a batch's gradients would not fit
     # HOST_BUDGET_FLOATS (e.g. params=all without projection). Fixed by the arguments.
@@ -235,41 +261,52 @@ def run_extract(ckpt_dir: str, data_spec, out_dir: str, grad_params: str = "fc",
 
     t0 = time.time()
     if done < n_shards:
-        fn = grads.build(model, ckpt.variables, params=grad_params, label_source=label_source,
-                         project_dim=project_dim, seed=seed, projection=projection,
-                         max_grad_floats=max_grad_floats, method=method)
         from tqdm.auto import tqdm
 
+        fn = fn or build_step()
         bar = tqdm(total=n, initial=done * rows_per_shard, unit="img", disable=not progress,
                    desc=f"extract {grad_params}", dynamic_ncols=True)
-        written = 0
+
+        def place(item):  # on the prefetch thread: read, decode, check, transfer
+            shard, batch = item
+            rows = min(rows_per_shard, n - shard * rows_per_shard)
+            bids = [str(i) for i in batch.ids[:rows]]
+            first = shard * rows_per_shard
+            if bids != ids[first:first + rows]:
+                raise UserError(f"the data set returned ids {bids[:2]}... at row {first}, expected "
+                                f"{ids[first:first + 2]}...: its order is not deterministic")
+            blabels = np.asarray(batch.labels, np.int32)[:rows]
+            return shard, bids, blabels, fn.put(np.asarray(batch.images)[:rows], blabels)
+
+        written, next_shard = 0, done
+        batches = zip(range(done, n_shards), ds.batches(rows_per_shard, start=lo + done * rows_per_shard))
         try:
-            shard = done
-            for batch in ds.batches(rows_per_shard, start=lo + done * rows_per_shard):
-                if shard >= n_shards:
-                    break
-                rows = min(rows_per_shard, n - shard * rows_per_shard)
-                images = np.asarray(batch.images)[:rows]
-                blabels = np.asarray(batch.labels, np.int32)[:rows]
-                bids = [str(i) for i in batch.ids[:rows]]
-                first = shard * rows_per_shard
-                if bids != ids[first:first + rows]:
-                    raise UserError(f"the data set returned ids {bids[:2]}... at row {first}, expected "
-                                    f"{ids[first:first + 2]}...: its order is not deterministic")
-                out = fn(images, blabels, bids)
-                values = {"gw": out["gw"], "p": out["probs"], "logits": out["logits"], "fm": out["fm"],
-                          "labels": blabels, "preds": out["preds"].astype(np.int32)}
-                values = {**{a: values[a] for a in arrays}, "ids": np.asarray(bids)}
-                files.write_atomic(_shard_path(out_dir, shard), lambda f: np.savez(f, **values))
-                shard += 1
-                written += 1
-                bar.update(rows)
-                if stop_after_shards is not None and written >= stop_after_shards and shard < n_shards:
-                    raise _Stop(f"stopped after {written} shard(s) (test hook)")
+            with BackgroundWriter() as writer, contextlib.closing(prefetch(batches, place)) as placed:
+                def finish(shard, bids, blabels, launched):  # collect a shard, hand it to the writer
+                    nonlocal written, next_shard
+                    out = fn.collect(launched, bids)
+                    values = {"gw": out["gw"], "p": out["probs"], "logits": out["logits"], "fm": out["fm"],
+                              "labels": blabels, "preds": out["preds"].astype(np.int32)}
+                    values = {**{a: values[a] for a in arrays}, "ids": np.asarray(bids)}
+                    writer.submit(files.write_atomic, _shard_path(out_dir, shard), lambda f: np.savez(f, **values))
+                    next_shard = shard + 1
+                    written += 1
+                    bar.update(len(bids))
+                    if stop_after_shards is not None and written >= stop_after_shards and next_shard < n_shards:
+                        raise _Stop(f"stopped after {written} shard(s) (test hook)")
+
+                pending = None
+                for shard, bids, blabels, batch in placed:
+                    launched = fn.launch(batch)  # the device computes this shard while the last is collected
+                    if pending is not None:
+                        finish(*pending)
+                    pending = (shard, bids, blabels, launched)
+                if pending is not None:
+                    finish(*pending)
         finally:
             bar.close()
-        if shard < n_shards:
-            raise UserError(f"the data set ended after {shard * rows_per_shard} of {n} rows: it changed while "
+        if next_shard < n_shards:
+            raise UserError(f"the data set ended after {next_shard * rows_per_shard} of {n} rows: it changed while "
                             f"extracting; run again with a fresh output directory")
 
     _assemble(out_dir, arrays, n, n_shards, rows_per_shard, ids)

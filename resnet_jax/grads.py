@@ -54,7 +54,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -320,6 +320,10 @@ class GradFn:
         fn = _jitted(cfg, self.mesh)
         return partial(fn, self._sel, self._fro, self._bs, self._factors), cfg.method
 
+    def grad_floats_per_example(self, image_shape) -> int:
+        """Per-example gradient floats one step holds for images of shape (H, W, 3) (memory planning)."""
+        return self._floats_per_example(self.plan(image_shape)[0], tuple(image_shape))
+
     def _floats_per_example(self, cfg: _Config, image_shape) -> int:
         D = self.layout.dim
         if cfg.method == "vmap":
@@ -340,6 +344,12 @@ class GradFn:
         return total + self.proj.dim
 
     def __call__(self, images, labels=None, ids=None) -> dict:
+        return self.collect(self.launch(self.put(images, labels, lazy=True)), ids)
+
+    def put(self, images, labels=None, *, lazy: bool = False) -> "Placed":
+        """Checks a batch and transfers it to the devices, in chunks of the step's size (the last
+        padded by repeating its last example); `lazy` defers each chunk's transfer to its launch.
+        Thread-safe: a prefetching thread can place the next batch while this one computes."""
         images = np.asarray(images, np.float32)
         if images.ndim != 4:
             models.validate_images(images)
@@ -357,12 +367,34 @@ class GradFn:
         else:
             labels = np.zeros((n,), np.int32)
         cfg, mb = self.plan(images.shape[1:])
-        fn = _jitted(cfg, self.mesh)
         nd = self.n_devices
         group = nd * mb
         chunks = max(1, -(-n // group))
         size = -(-n // chunks)
         size = -(-size // nd) * nd
+
+        def chunk(start):
+            x, y = images[start:start + size], labels[start:start + size]
+            real = x.shape[0]
+            if real < size:  # pad (repeating the last example) to the fixed chunk size
+                x = np.concatenate([x, np.repeat(x[-1:], size - real, 0)])
+                y = np.concatenate([y, np.repeat(y[-1:], size - real, 0)])
+            return (jax.device_put(x, self._batch_sharding), jax.device_put(y, self._batch_sharding), start, real)
+
+        starts = range(0, n, size)
+        return Placed(n, cfg, (chunk(s) for s in starts) if lazy else [chunk(s) for s in starts])
+
+    def launch(self, placed: "Placed") -> tuple:
+        """Dispatches the steps of a placed batch (asynchronously) and returns them for `collect`:
+        all at once when its chunks were placed eagerly, else one by one as `collect` goes."""
+        fn = _jitted(placed.cfg, self.mesh)
+        steps = ((fn(self._sel, self._fro, self._bs, self._factors, xs, ys), start, real)
+                 for xs, ys, start, real in placed.chunks)
+        return placed.n, (steps if isinstance(placed.chunks, Iterator) else list(steps))
+
+    def collect(self, launched: tuple, ids=None) -> dict:
+        """Waits for launched steps; returns the dict of numpy arrays of the class docstring."""
+        n, steps = launched
         dims = [math.prod(shape) for _, shape, _ in self.layout.entries] if self.proj is None else [self.proj.dim]
         offsets = np.cumsum([0] + dims)
         out: dict = {"gw": np.empty((n, int(offsets[-1])), np.float32)}
@@ -379,18 +411,10 @@ class GradFn:
                     out[k][start:start + real] = a
 
         pending = None
-        for start in range(0, n, size):
-            x, y = images[start:start + size], labels[start:start + size]
-            real = x.shape[0]
-            if real < size:  # pad (repeating the last example) to the fixed chunk size
-                x = np.concatenate([x, np.repeat(x[-1:], size - real, 0)])
-                y = np.concatenate([y, np.repeat(y[-1:], size - real, 0)])
-            xs = jax.device_put(x, self._batch_sharding)
-            ys = jax.device_put(y, self._batch_sharding)
-            res = fn(self._sel, self._fro, self._bs, self._factors, xs, ys)
+        for step in steps:  # (lazy launch: dispatches the next chunk before the last is collected)
             if pending is not None:
                 collect(*pending)
-            pending = (res, start, real)
+            pending = step
         if pending is not None:
             collect(*pending)
         if n == 0:
@@ -403,6 +427,15 @@ class GradFn:
             raise UserError(f"NaN or Inf in the images, logits or gradients of {len(bad)} image(s): "
                             f"{', '.join(names)}{more}; check these images and the checkpoint's weights")
         return out
+
+
+class Placed(NamedTuple):
+    """A batch on the devices (`GradFn.put`): n examples, the step's configuration and its chunks
+    (images, labels, first row, real rows)."""
+
+    n: int
+    cfg: Any
+    chunks: Any
 
 
 def build(model, variables, **kwargs) -> GradFn:

@@ -119,7 +119,7 @@ def project_pair(xa, gb, proj: Projection):
     n = xa.shape[0]
     xa = xa.reshape(n, -1, r, k1)
     gb = gb.reshape(n, -1, r, k2)
-    out = jnp.einsum("npra,nprb->nrab", xa, gb).reshape(n, r * k1 * k2)
+    out = jnp.einsum("npra,nprb->nrab", xa, gb, preferred_element_type=jnp.float32).reshape(n, r * k1 * k2)
     return out[:, :proj.dim]
 
 

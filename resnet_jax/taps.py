@@ -139,7 +139,8 @@ def _conv_kernel_grad(x, g, ksize, strides, pad, dil):
                                                            w0 + (Wo - 1) * strides[1] + 1, cin),
                                       (1, strides[0], strides[1], 1)))
     xs = wins[0][:, None] if len(wins) == 1 else jnp.stack(wins, axis=1)  # (B, kh*kw, Ho, Wo, cin)
-    w = jnp.einsum("nshwc,nhwo->nsco", xs, g)  # written once, already in (kh, kw, cin, cout) order
+    w = jnp.einsum("nshwc,nhwo->nsco", xs, g,  # written once, already in (kh, kw, cin, cout) order
+                   preferred_element_type=jnp.float32)  # float32 sums over positions (bf16 compute)
     return w.reshape(n, ksize[0], ksize[1], cin, g.shape[-1])
 
 
@@ -155,7 +156,8 @@ def leaf_grad(tap: Tap, leaf: str, x, g, bstats):
     if tap.kind == "dense":
         if leaf == "bias":
             return g.reshape(n, -1, g.shape[-1]).sum(1)
-        return jnp.einsum("npi,npo->nio", x.reshape(n, -1, x.shape[-1]), g.reshape(n, -1, g.shape[-1]))
+        return jnp.einsum("npi,npo->nio", x.reshape(n, -1, x.shape[-1]), g.reshape(n, -1, g.shape[-1]),
+                          preferred_element_type=jnp.float32)
     # BatchNorm in eval mode
     eps = tap.conf[0]
     gg = g.reshape(n, -1, g.shape[-1]).astype(jnp.float32)

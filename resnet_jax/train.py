@@ -41,6 +41,7 @@ class TrainConfig:
     grad_align: float = 0.0
     grad_mi: float = 0.0
     per_class: int = 4
+    precision: str = "fp32"  # compute dtype (precision.py); parameters and optimiser state stay float32
     extra: dict = field(default_factory=dict)
 
 
@@ -112,6 +113,9 @@ def fit(config: TrainConfig, out_dir: str, progress: bool = True, log=print, hel
     """
     from tqdm.auto import tqdm
 
+    from . import precision as precisions
+
+    precisions.check(config.precision)
     for name, value in (("epochs", config.epochs), ("batch_size", config.batch_size)):
         if value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -126,12 +130,15 @@ def fit(config: TrainConfig, out_dir: str, progress: bool = True, log=print, hel
                           default_split="train", seed=config.seed)
     test_set = data.load(kind if arg is None else f"{kind}:{arg}", image_size=train_set.image_size,
                          normalization=normalization, default_split="test", seed=config.seed)
-    model = models.create(config.model, train_set.num_classes, config.stem)
+    model = precisions.with_precision(models.create(config.model, train_set.num_classes, config.stem),
+                                      config.precision)
     steps_per_epoch = max(1, min(len(train_set), config.images_per_epoch or len(train_set)) // config.batch_size)
     tx = make_optimizer(config, steps_per_epoch)
     meta = checkpoint.make_meta(config.model, train_set.num_classes, train_set.class_names, config.stem,
                                 train_set.image_size, normalization, data=train_set.spec,
-                                train_config={k: v for k, v in config.__dict__.items() if k != "extra"})
+                                train_config={k: v for k, v in config.__dict__.items()
+                                              if k not in ("extra", "precision")},
+                                precision=config.precision)  # not in the resume check: either precision continues
     params, batch_stats, opt_state, start_epoch, history = _initial_state(config, model, tx, meta, out_dir,
                                                                            train_set.image_size)
     loss_fn = None

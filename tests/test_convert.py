@@ -49,6 +49,7 @@ def test_keys_match_torchvision(reference, name):
 
 
 @pytest.mark.parametrize("name", gen.MODELS)
+@pytest.mark.device
 def test_logits_match_torchvision(reference, name, tmp_path):
     keys = convert.torchvision_keys(name, gen.NUM_CLASSES)
     state = gen.make_state_dict(keys, int(reference["seed"]))

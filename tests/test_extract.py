@@ -43,6 +43,7 @@ def npy_bytes(d):
             for name in sorted(os.listdir(d)) if name.endswith(".npy") or name == "ids.json"}
 
 
+@pytest.mark.device
 def test_store_contents(ckpt, full_store):
     out, man = full_store
     _, model, variables = ckpt
@@ -67,6 +68,7 @@ def test_store_contents(ckpt, full_store):
     assert disk["shapes"]["gw"]["shape"] == [LIMIT, D]
 
 
+@pytest.mark.device
 def test_killed_run_resumes_to_identical_arrays(ckpt, full_store, tmp_path):
     out = str(tmp_path / "store")
     with pytest.raises(extract._Stop):

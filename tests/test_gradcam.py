@@ -110,6 +110,7 @@ def test_resize_matches_pytorch_bilinear():
 # ----------------------------------------------------------------------------- per-image autodiff
 
 @pytest.mark.parametrize("layer", ["layer4", "layer3"])
+@pytest.mark.device
 def test_gradcam_matches_per_image_autodiff(setup, layer):
     model, variables, images, targets = setup
     out = gc.gradcam_with_outputs(model, variables, images, targets, layer=layer)
@@ -130,6 +131,7 @@ def test_gradcam_matches_per_image_autodiff(setup, layer):
     np.testing.assert_allclose(out.logits, models.apply(model, variables, images)[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.device
 def test_gradcampp_matches_per_image_autodiff(setup):
     model, variables, images, targets = setup
     out = gc.gradcam_with_outputs(model, variables, images, targets, layer="layer3", method="gradcampp")
@@ -147,6 +149,7 @@ def test_gradcampp_matches_per_image_autodiff(setup):
 
 # ----------------------------------------------------------------------------- closed form at layer4
 
+@pytest.mark.device
 def test_layer4_closed_form(setup):
     model, variables, images, targets = setup
     out = gc.gradcam_with_outputs(model, variables, images, targets, layer="layer4")
@@ -200,6 +203,7 @@ def test_backward_stops_at_the_layer(setup):
 
 # ----------------------------------------------------------------------------- targets, degenerate maps
 
+@pytest.mark.device
 def test_predicted_and_true_targets(setup):
     model, variables, images, targets = setup
     pred = gc.gradcam_with_outputs(model, variables, images, None)

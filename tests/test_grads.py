@@ -143,6 +143,7 @@ def test_subsets_and_layout(eight_devices):  # (starts the 8-device subprocess e
             select_paths(shapes, bad)
 
 
+@pytest.mark.device
 def test_fc_closed_form_and_loop_agree():
     closed = run("fc")
     loop = loop_rows(["fc/kernel", "fc/bias"], LABELS)
@@ -162,6 +163,7 @@ def test_fc_closed_form_and_loop_agree():
     assert rel(closed["logits"], run("conv_vmap", params=CONV, method="vmap")["logits"]) < 1e-6
 
 
+@pytest.mark.device
 def test_conv_and_batchnorm_subset_taps_vmap_loop():
     taps = run("conv", params=CONV)
     vmap = run("conv_vmap", params=CONV, method="vmap")
@@ -174,6 +176,7 @@ def test_conv_and_batchnorm_subset_taps_vmap_loop():
         assert rel(taps["gw"][:, a:b], loop[:, a:b]) < 1e-5
 
 
+@pytest.mark.device
 def test_strided_pointwise_conv_taps():
     """The 1x1 stride-2 downsample (a models.PointwiseConv) on the taps path, forced, against the loop."""
     paths = ["layer2_0/downsample_conv/kernel"]
@@ -196,6 +199,7 @@ def test_predicted_labels():
     assert rel(taps["gw"], loop_rows(["layer4_1/bn2/scale", "layer4_1/bn2/bias"], closed["preds"])) < 1e-5
 
 
+@pytest.mark.device
 def test_input_gradients():
     got = np.asarray(grads.input_grads(MODEL, VARIABLES, IMAGES, LABELS))
     loop = np.stack([_loop_grad(VARIABLES["params"], VARIABLES["batch_stats"], IMAGES[i], LABELS[i])[1]
@@ -222,6 +226,7 @@ def documented_projection(paths, shapes, k, seed, kron=(8, 8)):
     return np.concatenate(blocks) / np.sqrt(k)
 
 
+@pytest.mark.device
 def test_projection_equals_explicit_matrix():
     shapes = [(512, C), (C,)]
     r_fc = documented_projection(["fc/kernel", "fc/bias"], shapes, K, 7)
@@ -253,6 +258,7 @@ def test_projection_preserves_inner_products():
     assert np.corrcoef(gram.ravel(), pgram.ravel())[0, 1] > 0.95
 
 
+@pytest.mark.device
 def test_micro_batches_give_the_same_rows():
     fn = grads.build(MODEL, VARIABLES, params="fc", max_grad_floats=2 * (512 * C + C))
     assert fn.plan(IMAGES.shape[1:])[1] == 2
@@ -261,6 +267,7 @@ def test_micro_batches_give_the_same_rows():
     assert out["gw"].shape == (B, 512 * C + C)
 
 
+@pytest.mark.device
 def test_nan_names_the_images():
     bad = IMAGES.copy()
     bad[3, 10, 10, 0] = np.nan  # (XLA:CPU's relu may squash it: images are checked too)

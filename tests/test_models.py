@@ -18,6 +18,7 @@ def test_parameter_counts_match_torchvision(name):
 
 
 @pytest.mark.parametrize("name,width", [("resnet18", 512), ("resnet50", 2048)])
+@pytest.mark.device
 def test_intermediate_shapes_224(name, width):
     model = models.create(name, 7)
     variables = models.variable_shapes(model, 224)
@@ -45,6 +46,7 @@ def test_small_stem_keeps_resolution():
     assert variables["params"]["conv1"]["kernel"].shape == (3, 3, 3, 64)
 
 
+@pytest.mark.device
 def test_forward_matches_manual_head_and_is_eval_mode_pure():
     model = models.create("resnet18", 5, stem="small")
     variables = models.init(model, jax.random.key(1), 24)
