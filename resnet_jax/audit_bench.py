@@ -70,17 +70,23 @@ def held_out_accuracy(ckpt_dir: str, config: train.TrainConfig) -> float:
 
 
 def _fit(config, out_dir, edits, keep_epochs, log) -> float:
-    """Trains (or finishes) one run; returns its training wall time in seconds as the trainer
-    recorded it (a run finished by a later session: that session's part only)."""
+    """Trains (or finishes) one run; returns its training wall time in seconds (`training_seconds`)."""
     train.fit(config, out_dir, progress=False, log=lambda s: log(f"  {os.path.basename(out_dir)}: {s}"),
               held_out=False, label_edits=edits, keep_epochs=keep_epochs)
-    return float(checkpoint.load_meta(out_dir)["history"][-1]["seconds"])
+    return training_seconds(checkpoint.load_meta(out_dir)["history"])
+
+
+def training_seconds(history: list[dict]) -> float:
+    """Returns the wall time of a run from its epoch records, whose "seconds" count from the start
+    of each training session (a resumed run starts counting again): the sum of each session's last."""
+    marks = [h["seconds"] for h in history]
+    return float(sum(a for a, b in zip(marks, marks[1:] + [0.0]) if b < a))
 
 
 def run(out_dir: str, *, model: str = "resnet18", data_spec: str = "digits", epochs: int = 6, batch_size: int = 64,
         image_size: int | None = None, stem: str = "standard",
         noise: float = 0.1, noise_seed: int = 0, noise_kind: str = "symmetric", seed: int = 0, folds: int = 5,
-        methods=("tracin", "tracin-proj", "loss", "margin", "aum"), project_dim: int = 1024, retrain: bool = False,
+        methods=("margin", "loss", "aum", "tracin", "tracin-proj"), project_dim: int = 1024, retrain: bool = False,
         fraction: float = 0.1, action: str = "remove", progress: bool = True, log=print) -> dict:
     """Runs the benchmark; returns the summary also written to out_dir/bench-audit.json. Our
     cleaning (with `retrain`) uses the first of `methods`."""

@@ -14,7 +14,7 @@ import click
 from .errors import UserError
 
 MODEL_CHOICES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
-AUDIT_DEFAULT_METHODS = ("tracin", "loss", "margin", "aum")  # audit.DEFAULT_METHODS (not imported for --help)
+AUDIT_DEFAULT_METHODS = ("margin", "loss", "aum", "tracin")  # audit.DEFAULT_METHODS (not imported for --help)
 
 
 def _setup_jax() -> None:
@@ -137,6 +137,10 @@ def info(ckpt):
     for key, value in meta.items():
         if key == "class_names" and len(value) > 12:
             value = value[:12] + [f"... ({len(value)} in all)"]
+        if key == "label_edits":  # the ids are many: counts only
+            value = {part: ({k: v for k, v in entry.items() if k not in ("ids", "original", "given", "before")}
+                            | {"images": len(entry["ids"])} if isinstance(entry, dict) else len(entry))
+                     for part, entry in value.items()}
         click.echo(f"{key:>16}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
     if history:
         click.echo(f"{'history':>16}: " + ", ".join(
@@ -309,22 +313,24 @@ def curvature(ckpt_dir, data_spec, limit, param_subset, iterations, probes, seed
 @click.option("--ckpt", "ckpt_dir", required=True, help="Checkpoint directory of a run with several saved epochs.")
 @click.option("--data", "data_spec", default=None, help="Data spec (default: the checkpoint's training data).")
 @click.option("--method", "methods", default=",".join(AUDIT_DEFAULT_METHODS), show_default=True,
-              help="Comma-separated: tracin (fc, closed form), tracin-proj (all parameters, projected), "
-                   "loss, margin, aum. The first one ranks audit.csv and the figure.")
+              help="Comma-separated: margin, loss, aum (area under the margin), tracin (self-influence on fc, "
+                   "closed form), tracin-proj (all parameters, projected). The first ranks audit.csv and the figure.")
 @click.option("--out", "out_dir", default="audit", show_default=True, help="Output directory (replaced when complete).")
 @click.option("--project-params", default="all", show_default=True, help="Parameters of tracin-proj.")
 @click.option("--project-dim", default=1024, show_default=True, help="Projection dimension of tracin-proj.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the projection.")
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--top", default=24, show_default=True, help="Suspects shown in suspects.png.")
+@click.option("--steps", default="all", show_default=True,
+              help="Checkpoints of the trajectory: all, or steps such as 4,5,6 (the last one gives loss and margin).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def audit_cmd(ckpt_dir, data_spec, methods, out_dir, project_params, project_dim, seed, batch_size, top, quiet):
+def audit_cmd(ckpt_dir, data_spec, methods, out_dir, project_params, project_dim, seed, batch_size, top, steps, quiet):
     """Score every training image for "likely mislabeled" (TracIn self-influence, loss, margin, AUM)."""
     _setup_jax()
     from . import audit
 
     summary = audit.run_audit(ckpt_dir, out_dir, data_spec, methods, project_params=project_params,
-                              project_dim=project_dim, seed=seed, batch_size=batch_size, top=top,
+                              project_dim=project_dim, seed=seed, batch_size=batch_size, top=top, steps=steps,
                               progress=not quiet, log=click.echo)
     p = pipeline()
     click.echo(p.markdown_table(summary["rows"][:10], ["rank", "id", "given_label", "suggested_label",
@@ -442,7 +448,7 @@ def bench_train_cmd(model, size, batch, grad_align, grad_mi, steps, hvp_params, 
 @click.option("--noise-seed", default=0, show_default=True)
 @click.option("--noise-kind", type=click.Choice(["symmetric", "pairs"]), default="symmetric", show_default=True)
 @click.option("--folds", default=5, show_default=True, help="K of cleanlab's K-fold out-of-sample probabilities.")
-@click.option("--method", "methods", default="tracin,tracin-proj,loss,margin,aum", show_default=True,
+@click.option("--method", "methods", default="margin,loss,aum,tracin,tracin-proj", show_default=True,
               help="Our methods; the first one ranks the images that --retrain cleans.")
 @click.option("--project-dim", default=1024, show_default=True, help="Projection dimension of tracin-proj.")
 @click.option("--retrain", is_flag=True, help="Also retrain without the top --fraction by ours and by cleanlab, "
