@@ -107,6 +107,9 @@ def audit(ckpt_dir: str, data_spec: str | None = None, methods=DEFAULT_METHODS, 
     if project_dim < 1:
         raise UserError(f"--project-dim must be at least 1, got {project_dim}")
     traj = trajectory.load(ckpt_dir, steps)
+    if len(traj.steps) < 2 and steps is not None and any(m in TRACIN_METHODS for m in methods):
+        raise UserError(f"--steps names a single checkpoint ({traj.steps[0]}): TracIn sums over a trajectory of "
+                        f"several; name two or more, or use --method loss,margin")
     if len(traj.steps) < 2 and any(m in TRACIN_METHODS for m in methods):
         raise UserError(f"{ckpt_dir} holds a single checkpoint (step {traj.steps[0]}): TracIn needs a trajectory of "
                         f"checkpoints (train with --keep-epochs all, the default with --label-noise), or audit "
