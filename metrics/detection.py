@@ -11,7 +11,7 @@ import math
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-DEFAULT_FRACTIONS = (0.05, 0.10, 0.20)
+DEFAULT_FRACTIONS = (0.05, 0.10, 0.15, 0.20)
 
 
 def _check(scores, is_error) -> tuple[np.ndarray, np.ndarray]:

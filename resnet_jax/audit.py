@@ -19,7 +19,7 @@ c = argmax p). Over a whole trajectory the least-self-influence class is argmax_
 (||h_t||^2 + 1) p_t[c], a vote that the early, near-chance checkpoints of a short run dominate (on
 the embedded digits it restored the true label of 19% of the flipped images, the last prediction
 86%: README). `run_audit` writes audit.csv, audit.json, suspects.png and, when the checkpoint
-records injected noise, the detection table (AUROC, average precision, recall at 5/10/20%).
+records injected noise, the detection table (AUROC, average precision, recall at 5/10/15/20%).
 """
 from __future__ import annotations
 

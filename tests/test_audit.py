@@ -92,7 +92,7 @@ def test_detection_metrics_against_definitions():
     hits = np.cumsum(is_error[order])
     ap = np.mean([hits[r] / (r + 1) for r in range(300) if is_error[order][r]])
     assert detection.detection_row(distinct, is_error)["ap"] == pytest.approx(ap, abs=1e-12)
-    for f in (0.05, 0.1, 0.2):
+    for f in (0.05, 0.1, 0.15, 0.2):
         top = sorted(range(300), key=lambda i: (-scores[i], i))[:int(np.ceil(f * 300))]
         assert row[f"recall@{round(100 * f)}%"] == pytest.approx(is_error[top].sum() / is_error.sum())
     with pytest.raises(ValueError, match="NaN"):
