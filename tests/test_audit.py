@@ -294,3 +294,9 @@ def test_bench_against_cleanlab_out_of_sample(tiny_folder, tmp_path):
     accuracy = {r["run"]: r["held-out accuracy"] for r in result["retrain"]}
     assert list(accuracy) == ["noisy", "cleaned by ours (tracin)", "cleaned by cleanlab", "clean (no noise)"]
     assert all(0 <= a <= 1 for a in accuracy.values())
+
+
+def test_cli_default_methods_are_the_audit_defaults():
+    from resnet_jax import cli
+
+    assert cli.AUDIT_DEFAULT_METHODS == audit.DEFAULT_METHODS
