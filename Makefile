@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e '.[test,tfds]'
+	$(BIN)/python -m pip install -q -e '.[test,tfds,cleanlab]'
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed

@@ -201,3 +201,37 @@ def image_grid(images, labels, class_names, path, per_class=6, overlays=None, al
     if title:
         fig.suptitle(title)
     return _save_png(fig, path)
+
+
+def titled_grid(images, titles, path, columns=8, title_colours=None, title=None):
+    """A grid of images in the given order, each under its own title (e.g. "given -> suggested").
+
+    images: (N, H, W, C) with C in {1, 3}, each min-max scaled on its own; titles: N strings;
+    title_colours: optional N matplotlib colours of the titles. Writes a PNG atomically and
+    returns path.
+    """
+    path = _check_png_path(path)
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.shape[0] == 0:
+        raise ValueError(f"images must be (N, H, W, C) with N >= 1 and C in {{1, 3}}, got shape {images.shape}")
+    n = images.shape[0]
+    if len(titles) != n or (title_colours is not None and len(title_colours) != n):
+        raise ValueError(f"{len(titles)} titles for {n} images: pass one title (and colour) per image")
+    check_int(columns, "columns", 1)
+    columns = min(columns, n)
+    rows = -(-n // columns)
+    fig = _new_figure(_CELL_INCHES * 1.25 * columns, _CELL_INCHES * 1.5 * rows + (0.4 if title else 0.0))
+    axes = fig.subplots(rows, columns, squeeze=False)
+    for k, ax in enumerate(axes.ravel()):
+        ax.axis("off")
+        if k >= n:
+            continue
+        img = images[k].astype(np.float64)
+        lo, hi = np.nanmin(img), np.nanmax(img)
+        img = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
+        ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None,
+                  vmin=0, vmax=1)
+        ax.set_title(titles[k], fontsize=7, color="black" if title_colours is None else title_colours[k])
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _save_png(fig, path)

@@ -57,7 +57,7 @@ def make_meta(model: str, num_classes: int, class_names, stem: str, image_size: 
 
 
 def save(directory: str, step: int, variables: dict, meta: dict, opt_state=None, keep: int = 2) -> None:
-    """Writes step `step` atomically; keeps the newest `keep` steps."""
+    """Writes step `step` atomically; keeps the newest `keep` steps (None: all of them)."""
     import orbax.checkpoint as ocp
 
     missing = [k for k in META_KEYS if k not in meta]
@@ -81,6 +81,24 @@ def latest_step(directory: str) -> int | None:
     step = mgr.latest_step()
     mgr.close()
     return step
+
+
+def steps(directory: str) -> list[int]:
+    """Returns the complete steps in `directory`, ascending (empty when there is none)."""
+    if not os.path.isdir(directory):
+        return []
+    mgr = _manager(directory)
+    found = sorted(int(s) for s in mgr.all_steps())
+    mgr.close()
+    return found
+
+
+def delete_steps(directory: str, doomed) -> None:
+    """Deletes the given steps of `directory`."""
+    mgr = _manager(directory)
+    for step in doomed:
+        mgr.delete(step)
+    mgr.close()
 
 
 def load_meta(directory: str, step: int | None = None) -> dict:

@@ -19,6 +19,7 @@ PRECISION_HELP = ("fp32, or bf16: bfloat16 compute, float32 parameters, gradient
                   "bf16 against fp32 on the 540 held-out digits (ResNet-18, 3 epochs, CPU): fc gradient cosine "
                   "mean 0.99996 (min 0.9993), projected all-parameter cosine mean 0.9994 (min 0.989), Grad-CAM "
                   "CC mean 0.99998 (min 0.9992), the same prediction for 99.4% of the images.")
+AUDIT_DEFAULT_METHODS = ("margin", "loss", "aum", "tracin")  # audit.DEFAULT_METHODS (not imported for --help)
 
 
 def _setup_jax() -> None:
@@ -75,13 +76,25 @@ def models_cmd(num_classes):
               help="λ1 of the gradient-alignment loss (same-class input gradients; 0 = plain training).")
 @click.option("--grad-mi", default=0.0, show_default=True, help="λ2 of the gradient mutual-information term.")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--label-noise", default=0.0, show_default=True,
+              help="Flip this fraction of the training labels (recorded in the checkpoint; for `audit`).")
+@click.option("--noise-seed", default=0, show_default=True, help="Seed of the flipped images and labels.")
+@click.option("--noise-kind", type=click.Choice(["symmetric", "pairs"]), default="symmetric", show_default=True,
+              help="symmetric: to a uniformly chosen other class; pairs: class c to c+1.")
+@click.option("--keep-epochs", default=None,
+              help="Checkpoints to keep: all, or epochs such as 2,4,6 (default: all with --label-noise, "
+                   "else the last two).")
 @click.option("--out", "out_dir", required=True, help="Checkpoint directory; training resumes from it.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
               help=PRECISION_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train(model, data_spec, epochs, batch_size, images_per_epoch, learning_rate, weight_decay, stem, image_size,
-          augment_shift, grad_align, grad_mi, seed, out_dir, precision, quiet):
+          augment_shift, grad_align, grad_mi, seed, label_noise, noise_seed, noise_kind, keep_epochs, out_dir,
+          precision, quiet):
     """Train a ResNet, report held-out accuracy each epoch, checkpoint each epoch (resumable)."""
+    from . import labels
+
+    edits = labels.LabelEdits(noise_rate=label_noise, noise_seed=noise_seed, noise_kind=noise_kind)
     _setup_jax()
     from . import train as training
 
@@ -90,7 +103,8 @@ def train(model, data_spec, epochs, batch_size, images_per_epoch, learning_rate,
                                   weight_decay=weight_decay, stem=stem, image_size=image_size, seed=seed,
                                   augment_shift=augment_shift,
                                   grad_align=grad_align, grad_mi=grad_mi, precision=precision)
-    result = training.fit(config, out_dir, progress=not quiet, log=click.echo)
+    result = training.fit(config, out_dir, progress=not quiet, log=click.echo, label_edits=edits,
+                          keep_epochs=keep_epochs)
     click.echo(f"test accuracy {result['test_accuracy']:.4f} on {result['test_split']} after {len(result['history'])} "
                f"epochs ({result['seconds']:.0f} s this run); checkpoint: {out_dir}")
 
@@ -131,6 +145,10 @@ def info(ckpt):
     for key, value in meta.items():
         if key == "class_names" and len(value) > 12:
             value = value[:12] + [f"... ({len(value)} in all)"]
+        if key == "label_edits":  # the ids are many: counts only
+            value = {part: ({k: v for k, v in entry.items() if k not in ("ids", "original", "given", "before")}
+                            | {"images": len(entry["ids"])} if isinstance(entry, dict) else len(entry))
+                     for part, entry in value.items()}
         click.echo(f"{key:>16}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
     if history:
         click.echo(f"{'history':>16}: " + ", ".join(
@@ -301,6 +319,39 @@ def curvature(ckpt_dir, data_spec, limit, param_subset, iterations, probes, seed
         files.write_json(json_path, report)
 
 
+@cli.command("audit")
+@click.option("--ckpt", "ckpt_dir", required=True, help="Checkpoint directory of a run with several saved epochs.")
+@click.option("--data", "data_spec", default=None, help="Data spec (default: the checkpoint's training data).")
+@click.option("--method", "methods", default=",".join(AUDIT_DEFAULT_METHODS), show_default=True,
+              help="Comma-separated: margin, loss, aum (area under the margin), tracin (self-influence on fc, "
+                   "closed form), tracin-proj (all parameters, projected). The first ranks audit.csv and the figure.")
+@click.option("--out", "out_dir", default="audit", show_default=True, help="Output directory (replaced when complete).")
+@click.option("--project-params", default="all", show_default=True, help="Parameters of tracin-proj.")
+@click.option("--project-dim", default=1024, show_default=True, help="Projection dimension of tracin-proj.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the projection.")
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--top", default=24, show_default=True, help="Suspects shown in suspects.png.")
+@click.option("--steps", default="all", show_default=True,
+              help="Checkpoints of the trajectory: all, or steps such as 4,5,6 (the last one gives loss and margin).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def audit_cmd(ckpt_dir, data_spec, methods, out_dir, project_params, project_dim, seed, batch_size, top, steps, quiet):
+    """Score every training image for "likely mislabeled" (TracIn self-influence, loss, margin, AUM)."""
+    _setup_jax()
+    from . import audit, tables
+
+    summary = audit.run_audit(ckpt_dir, out_dir, data_spec, methods, project_params=project_params,
+                              project_dim=project_dim, seed=seed, batch_size=batch_size, top=top, steps=steps,
+                              progress=not quiet, log=click.echo)
+    click.echo(tables.markdown_table(summary["rows"][:10], ["rank", "id", "given_label", "suggested_label",
+                                                            *summary["methods"]]))
+    if summary["detection"]:
+        click.echo()
+        click.echo(tables.markdown_table(summary["detection"], list(summary["detection"][0])))
+    click.echo(f"audited {summary['n']} images of {summary['data']} over {len(summary['trajectory']['steps'])} "
+               f"checkpoints in {summary['seconds']['total']:.1f} s; wrote {out_dir}/audit.csv, audit.json, "
+               f"suspects.png")
+
+
 @cli.group()
 def bench():
     """Benchmarks: throughputs measured side by side in one run, printed as ratios."""
@@ -395,6 +446,46 @@ def bench_train_cmd(model, size, batch, grad_align, grad_mi, steps, hvp_params, 
         ("HVP (s)", hv["hvp_s"], f"{hv['ratio']:.2f} x gradient")])
     if json_path:
         _write_json(json_path, {"train": tr, "hvp": hv})
+
+
+@bench.command("audit")
+@click.option("--model", default="resnet18", show_default=True, callback=_model_name)
+@click.option("--data", "data_spec", default="digits", show_default=True, help="Data spec (its training split).")
+@click.option("--epochs", default=6, show_default=True, help="Epochs of every training run (the train default).")
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--label-noise", default=0.1, show_default=True, help="Fraction of training labels flipped.")
+@click.option("--noise-seed", default=0, show_default=True)
+@click.option("--noise-kind", type=click.Choice(["symmetric", "pairs"]), default="symmetric", show_default=True)
+@click.option("--folds", default=5, show_default=True, help="K of cleanlab's K-fold out-of-sample probabilities.")
+@click.option("--method", "methods", default="margin,loss,aum,tracin,tracin-proj", show_default=True,
+              help="Our methods; the first one ranks the images that --retrain cleans.")
+@click.option("--project-dim", default=1024, show_default=True, help="Projection dimension of tracin-proj.")
+@click.option("--retrain", is_flag=True, help="Also retrain without the top --fraction by ours and by cleanlab, "
+                                              "and without noise, and compare held-out accuracy.")
+@click.option("--fraction", default=0.1, show_default=True, help="Fraction of the images cleaned by --retrain.")
+@click.option("--action", type=click.Choice(["remove", "relabel"]), default="remove", show_default=True,
+              help="remove the suspects, or relabel them (ours: suggested label; cleanlab: its argmax).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--out", "out_dir", default="bench-audit", show_default=True,
+              help="Directory of the runs (each resumes) and bench-audit.json.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def bench_audit_cmd(model, data_spec, epochs, batch_size, label_noise, noise_seed, noise_kind, folds, methods,
+                    project_dim, retrain, fraction, action, seed, out_dir, quiet):
+    """Our label-error detection (one run) beside cleanlab's (K-fold), on the same noisy labels."""
+    _setup_jax()
+    from . import audit_bench, tables
+
+    result = audit_bench.run(out_dir, model=model, data_spec=data_spec, epochs=epochs, batch_size=batch_size,
+                             noise=label_noise, noise_seed=noise_seed, noise_kind=noise_kind, seed=seed, folds=folds,
+                             methods=methods, project_dim=project_dim, retrain=retrain, fraction=fraction,
+                             action=action, progress=not quiet, log=click.echo)
+    click.echo(f"## {result['n']} images, {result['n_flipped']} flipped; one training epoch {result['epoch_seconds']} s")
+    click.echo(tables.markdown_table(result["detection"], list(result["detection"][0]), 3))
+    fli = result["find_label_issues"]
+    click.echo(f"cleanlab find_label_issues: {fli['flagged']} flagged, precision {fli['precision']:.3f}, "
+               f"recall {fli['recall']:.3f}")
+    if "retrain" in result:
+        click.echo(tables.markdown_table(result["retrain"], list(result["retrain"][0]), 4))
 
 
 MODELS_DEFAULT = "resnet18,resnet34,resnet50,resnet101,resnet152"

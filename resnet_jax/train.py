@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from . import checkpoint, data, models
+from . import checkpoint, data, labels, models
 from .errors import UserError
 from .losses import cross_entropy
 
@@ -45,14 +45,18 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)
 
 
-def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
-    """Returns AdamW on a linear warm-up then cosine-decay schedule over the whole run."""
+def make_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
+    """Returns the learning rate by step: a linear warm-up then cosine decay over the whole run."""
     total = max(1, config.epochs * steps_per_epoch)
     # At most a quarter of a short run warms up.
     warmup = min(total - 1, int(min(config.warmup_epochs, 0.25 * config.epochs) * steps_per_epoch))
-    schedule = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup, total,
-                                                  end_value=config.learning_rate * 1e-2)
-    return optax.adamw(schedule, weight_decay=config.weight_decay)
+    return optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup, total,
+                                              end_value=config.learning_rate * 1e-2)
+
+
+def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+    """Returns AdamW on `make_schedule`."""
+    return optax.adamw(make_schedule(config, steps_per_epoch), weight_decay=config.weight_decay)
 
 
 def make_train_step(model: models.ResNet, tx: optax.GradientTransformation, loss_fn=None):
@@ -105,11 +109,16 @@ def random_shift(images, rng, max_shift: int):
     return jax.vmap(crop)(padded, offsets)
 
 
-def fit(config: TrainConfig, out_dir: str, progress: bool = True, log=print, held_out: bool = True) -> dict:
+def fit(config: TrainConfig, out_dir: str, progress: bool = True, log=print, held_out: bool = True,
+        label_edits: labels.LabelEdits | None = None, keep_epochs=None) -> dict:
     """Trains (or resumes) a model; returns {"test_accuracy", "epochs", "seconds", "history"}.
 
     Held-out accuracy is measured after every epoch; `held_out=False` skips it (None in the
     records), for callers that run the held-out split through the model themselves.
+    `label_edits` (noise, relabelled or removed images) change the training labels; what changed
+    is recorded in the metadata (`label_edits`). Every epoch's record holds its mean learning
+    rate (TracIn's step size). `keep_epochs`: the epochs whose checkpoints are kept, "all", or
+    None for the default: all of them when the labels are edited, else the newest two.
     """
     from tqdm.auto import tqdm
 
@@ -130,6 +139,8 @@ def fit(config: TrainConfig, out_dir: str, progress: bool = True, log=print, hel
                           default_split="train", seed=config.seed)
     test_set = data.load(kind if arg is None else f"{kind}:{arg}", image_size=train_set.image_size,
                          normalization=normalization, default_split="test", seed=config.seed)
+    train_set, edits_record = labels.apply(train_set, label_edits)
+    keep, wanted = _keep_policy(keep_epochs, edits_record is not None)
     model = precisions.with_precision(models.create(config.model, train_set.num_classes, config.stem),
                                       config.precision)
     steps_per_epoch = max(1, min(len(train_set), config.images_per_epoch or len(train_set)) // config.batch_size)
@@ -138,7 +149,9 @@ def fit(config: TrainConfig, out_dir: str, progress: bool = True, log=print, hel
                                 train_set.image_size, normalization, data=train_set.spec,
                                 train_config={k: v for k, v in config.__dict__.items()
                                               if k not in ("extra", "precision")},
-                                precision=config.precision)  # not in the resume check: either precision continues
+                                precision=config.precision,  # not in the resume check: either precision continues
+                                **({"label_edits": edits_record} if edits_record else {}))
+    schedule = make_schedule(config, steps_per_epoch)
     params, batch_stats, opt_state, start_epoch, history = _initial_state(config, model, tx, meta, out_dir,
                                                                            train_set.image_size)
     loss_fn = None
@@ -178,8 +191,10 @@ def fit(config: TrainConfig, out_dir: str, progress: bool = True, log=print, hel
             bar.set_postfix(loss=f"{loss:.3f}")
         variables = {"params": params, "batch_stats": batch_stats}
         test_acc = evaluate(model, variables, test_set) if held_out else None
+        learning_rate = float(np.mean(schedule(np.arange(epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch))))
         record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "train_accuracy": float(np.mean(accs)),
-                  "test_accuracy": test_acc, "seconds": round(time.perf_counter() - started, 1),
+                  "test_accuracy": test_acc, "learning_rate": learning_rate,
+                  "seconds": round(time.perf_counter() - started, 1),
                   **{f"train_{k}": float(np.mean(v)) for k, v in extras.items()}}
         history.append(record)
         log(f"epoch {epoch + 1}/{config.epochs}: loss {record['train_loss']:.4f}  train acc "
@@ -187,10 +202,27 @@ def fit(config: TrainConfig, out_dir: str, progress: bool = True, log=print, hel
             f"({record['seconds']:.0f} s)"
             + "".join(f"  {k} {np.mean(v):.4f}" for k, v in extras.items() if k != "n_pairs"))
         checkpoint.save(out_dir, epoch + 1, variables, dict(meta, test_accuracy=test_acc, history=history),
-                        opt_state=opt_state)
+                        opt_state=opt_state, keep=keep)
+        if wanted is not None:
+            checkpoint.delete_steps(out_dir, [s for s in checkpoint.steps(out_dir)[:-1] if s not in wanted])
     final = history[-1]["test_accuracy"] if history else None
     return {"test_accuracy": final, "epochs": config.epochs, "history": history,
             "seconds": time.perf_counter() - started, "test_split": test_set.spec}
+
+
+def _keep_policy(keep_epochs, edited: bool):
+    """Returns (keep for checkpoint.save, the set of epochs to keep or None) of a `keep_epochs` option."""
+    if keep_epochs is None:
+        return (None, None) if edited else (2, None)
+    if keep_epochs == "all":
+        return None, None
+    try:
+        wanted = {int(e) for e in str(keep_epochs).split(",")}
+    except ValueError:
+        wanted = {0}
+    if min(wanted) < 1:
+        raise UserError(f"--keep-epochs takes 'all' or comma-separated epochs such as 2,4,6, got {keep_epochs!r}")
+    return None, wanted
 
 
 def _images_per_class(config: TrainConfig, num_classes: int) -> int:
@@ -207,7 +239,7 @@ def _initial_state(config, model, tx, meta, out_dir, image_size):
     """Returns (params, batch_stats, opt_state, start_epoch, history), resuming from out_dir if it holds a step."""
     if checkpoint.latest_step(out_dir) is not None:
         old = checkpoint.load_meta(out_dir)
-        for key in ("model", "num_classes", "stem", "image_size", "data", "train_config"):
+        for key in ("model", "num_classes", "stem", "image_size", "data", "train_config", "label_edits"):
             if old.get(key) != meta.get(key):
                 raise UserError(f"{out_dir} holds a run with {key}={old.get(key)!r}, not {meta.get(key)!r}: "
                                 f"pass another --out or delete it")

@@ -21,6 +21,18 @@ class Batch(NamedTuple):
     masks: np.ndarray | None = None  # (B, H, W) float32 in {0, 1}
 
 
+def batch_indices(n: int, batch_size: int, start: int, shuffle: bool, seed: int, drop_remainder: bool):
+    """Yields the positions (B,) of each batch over n examples: in order, or a permutation seeded by
+    `seed`, skipping the first `start`; a last short batch is dropped with drop_remainder."""
+    order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
+    order = order[start:]
+    for b in range(0, len(order), batch_size):
+        idx = order[b:b + batch_size]
+        if drop_remainder and len(idx) < batch_size:
+            return
+        yield idx
+
+
 @dataclass(eq=False)
 class Dataset:
     """One split of one source; see the module docstring."""
@@ -74,12 +86,7 @@ class Dataset:
             for images, labels, ids, masks in self._source.stream(batch_size, start, shuffle, seed, drop_remainder):
                 yield Batch(normalize(images, self.normalization), labels, ids, masks)
             return
-        order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
-        order = order[start:]
-        for b in range(0, len(order), batch_size):
-            idx = order[b:b + batch_size]
-            if drop_remainder and len(idx) < batch_size:
-                break
+        for idx in batch_indices(n, batch_size, start, shuffle, seed, drop_remainder):
             yield self._batch(idx)
 
     def take(self, indices: Sequence[int]) -> Batch:
