@@ -102,8 +102,7 @@ class FolderSource:
                 size = img.size
                 image = rgb_array(img, self.image_size)
         except Exception as e:  # PIL raises many types for bad files
-            raise UserError(f"cannot read image {path} ({one_line(e)}): fix or delete the file "
-                            f"(Dataset.validate() lists every bad file)") from None
+            raise UserError(f"cannot read image {path} ({one_line(e)}): fix or delete the file") from None
         mask = None
         if mask_path is not None:
             try:
