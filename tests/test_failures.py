@@ -311,3 +311,84 @@ def test_sigint_during_the_first_compile_exits_130(tiny_ckpt, tiny_folder, tmp_p
     assert code == 130, (code, "".join(log[-3:]), rest[-2000:])
     assert "interrupted" in rest and "Traceback" not in rest
     assert not out.exists()
+
+
+def test_symlink_loop_resume_field_and_read_only_out(capsys, tiny_ckpt, tiny_folder, tmp_path, monkeypatch):
+    folder = make_folder(tmp_path / "data", per_class=3)
+    os.symlink("loop-b.png", os.path.join(folder, "circle", "loop-a.png"))
+    os.symlink("loop-a.png", os.path.join(folder, "circle", "loop-b.png"))
+    out = tmp_path / "store"
+    code, _, err = run_cli(["extract", "--ckpt", tiny_ckpt, "--data", f"folder:{folder}:all", "--out", str(out),
+                            "--quiet"], capsys)
+    assert_clean(code, err, 2, "loop")
+    assert not out.exists()
+    # A refused resume names the one field that differs, not the whole configuration.
+    ckpt = str(tmp_path / "ckpt")
+    shutil.copytree(tiny_ckpt, ckpt)
+    code, _, err = run_cli(["train", "--data", f"folder:{tiny_folder}", "--stem", "small", "--image-size", "24",
+                            "--epochs", "1", "--batch-size", "8", "--learning-rate", "0.5", "--out", ckpt], capsys)
+    assert_clean(code, err, 2, "learning_rate=0.002, not 0.5")
+    assert "{" not in err
+    # A read-only --out (a read-only tmpfs where it can be mounted, else os.access saying so).
+    ro = str(tmp_path / "ro")
+    if _tiny_tmpfs(ro, "1m") and subprocess.run(["mount", "-o", "remount,ro", ro]).returncode == 0:
+        unmount = True
+    else:
+        unmount = False
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode: False if str(p).startswith(ro) else real_access(p, mode))
+    try:
+        code, _, err = run_cli(["extract", "--ckpt", tiny_ckpt, "--out", os.path.join(ro, "s")], capsys)
+        assert_clean(code, err, 2, "read-only")
+        assert os.listdir(ro) == []
+    finally:
+        if unmount:
+            subprocess.run(["umount", ro])
+
+
+def test_failure_lines_name_the_file_and_the_fix():
+    line, code = failure_line(OSError(errno.ELOOP, "Too many levels of symbolic links", "/d/x.png"))
+    assert (line, code) == ("error: /d/x.png: a symbolic link loop: remove or fix the link", 2)
+    line, code = failure_line(PermissionError(errno.EACCES, "Permission denied", "/out/a"))
+    assert code == 2 and "/out/a" in line and "permission" in line
+    assert failure_line(MemoryError()) == ("error: out of memory: lower --batch-size, --image-size or --limit", 2)
+    line, code = failure_line(KeyError("state"))
+    assert code == 1 and line.startswith("internal error: KeyError")
+
+
+def test_convert_refuses_nan_weights_and_makes_normal_directories(capsys, tmp_path):
+    from safetensors.numpy import save_file
+
+    from resnet_jax import convert
+
+    state = {k: np.full(s, 0.5, np.float32) if s else np.array(0, np.int64) for k, s in convert.torchvision_keys("resnet18")}
+    state["layer2.0.conv1.weight"] = state["layer2.0.conv1.weight"].copy()
+    state["layer2.0.conv1.weight"][0, 0, 0, 0] = np.nan
+    bad = tmp_path / "nan.safetensors"
+    save_file(state, str(bad))
+    code, _, err = run_cli(["convert", str(bad), "--model", "resnet18", "--image-size", "64", "--out",
+                            str(tmp_path / "ckpt")], capsys)
+    assert_clean(code, err, 2, "NaN")
+    assert sorted(os.listdir(tmp_path)) == ["nan.safetensors"]
+    state["layer2.0.conv1.weight"][0, 0, 0, 0] = 0.5
+    good = tmp_path / "good.safetensors"
+    save_file(state, str(good))
+    code, _, err = run_cli(["convert", str(good), "--model", "resnet18", "--image-size", "64", "--out",
+                            str(tmp_path / "ckpt")], capsys)
+    assert code == 0, err
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(tmp_path / "ckpt").st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_nan_loss_without_a_checkpoint_says_so(capsys, tiny_folder, tmp_path, monkeypatch):
+    import jax.numpy as jnp
+
+    from resnet_jax import train
+
+    monkeypatch.setattr(train, "cross_entropy", lambda logits, labels: jnp.full(labels.shape, jnp.nan))
+    out = tmp_path / "t"
+    code, _, err = run_cli(["train", "--data", f"folder:{tiny_folder}", "--stem", "small", "--image-size", "24",
+                            "--epochs", "1", "--batch-size", "8", "--quiet", "--out", str(out)], capsys)
+    assert_clean(code, err, 2, "no checkpoint was written")
+    assert "last good" not in err and not out.exists()
