@@ -173,7 +173,7 @@ def load(directory: str, step: int | None = None, opt_state_target=None, expect:
         meta = _read_meta(mgr, directory, step)
         for key, want in (expect or {}).items():
             if want is not None and meta.get(key) != want:
-                raise UserError(f"checkpoint {directory} is for {key}={meta.get(key)!r}, not {want!r}: "
+                raise UserError(f"checkpoint {directory} is for {key.replace('_', ' ')} {meta.get(key)!r}, not {want!r}: "
                                 f"pass a checkpoint of the right {key} or retrain")
         model = models.create(meta["model"], meta["num_classes"], meta["stem"])
         shapes = models.variable_shapes(model, meta["image_size"])

@@ -175,7 +175,7 @@ def from_state_dict(state: dict, model_name: str, num_classes: int | None = None
         value = state[e.torch_key]
         shape = tuple(np.shape(value))
         if shape != e.torch_shape:
-            fix = (f": pass num_classes={shape[0]} or the matching weights" if e.torch_key.startswith("fc.")
+            fix = (f": pass --num-classes {shape[0]} or the matching weights" if e.torch_key.startswith("fc.")
                    else _hint(model_name, state))
             raise UserError(f"weight {e.torch_key} has shape {shape}, {model_name} with {num_classes} classes "
                             f"needs {e.torch_shape}{fix}")

@@ -220,6 +220,8 @@ def run_extract(ckpt_dir: str, data_spec, out_dir: str, grad_params: str = "fc",
             if old.get("complete"):
                 log(f"store {out_dir} is already complete ({old['n']} rows): nothing to do (force rebuilds it)")
                 return old
+    if "gw" in arrays:  # the shards and the assembled gw.npy each hold N x D float32 for a moment
+        files.check_out_dir(out_dir, "--out", 2 * 4 * n * dim)
     manifest = {
         "format": STORE_FORMAT, "complete": False, "run": run, "n": n, "dim": dim, "grad_dim": lay.dim,
         "layout": lay.to_json(), "class_names": [str(c) for c in getattr(ds, "class_names", meta["class_names"])],

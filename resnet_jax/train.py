@@ -129,6 +129,9 @@ def fit(config: TrainConfig, out_dir: str, progress: bool = True, log=print, hel
     test_set = data.load(kind if arg is None else f"{kind}:{arg}", image_size=train_set.image_size,
                          normalization=normalization, default_split="test", seed=config.seed)
     _check_training_data(train_set, config.batch_size)
+    if kind == "folder":  # every image file decodable before the first compile
+        for ds in (train_set, test_set):
+            ds.validate(progress)
     model = models.create(config.model, train_set.num_classes, config.stem)
     steps_per_epoch = max(1, min(len(train_set), config.images_per_epoch or len(train_set)) // config.batch_size)
     tx = make_optimizer(config, steps_per_epoch)

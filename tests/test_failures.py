@@ -392,3 +392,28 @@ def test_nan_loss_without_a_checkpoint_says_so(capsys, tiny_folder, tmp_path, mo
                             "--epochs", "1", "--batch-size", "8", "--quiet", "--out", str(out)], capsys)
     assert_clean(code, err, 2, "no checkpoint was written")
     assert "last good" not in err and not out.exists()
+
+
+def test_extract_estimates_its_disk_space_and_train_decodes_first(capsys, tiny_ckpt, tiny_folder, tmp_path,
+                                                                   monkeypatch):
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(1 << 40, 0, 100 << 20))  # 100 MiB free
+    out = tmp_path / "store"
+    # all parameters without projection: 30 x 11.2 M floats, about 2.7 GB with its shards
+    code, _, err = run_cli(["extract", "--ckpt", tiny_ckpt, "--data", f"folder:{tiny_folder}:all", "--grad-params",
+                            "all", "--out", str(out), "--quiet"], capsys)
+    assert_clean(code, err, 2, "MiB needed")
+    assert not out.exists()
+    monkeypatch.setattr(shutil, "disk_usage", real)
+    # train decodes every file before its first compile: a fake image fails in milliseconds, nothing written.
+    folder = make_folder(tmp_path / "data", per_class=6)
+    with open(os.path.join(folder, "cross", "005.png"), "wb") as f:
+        f.write(b"not a png")
+    start = time.perf_counter()
+    code, _, err = run_cli(["train", "--data", f"folder:{folder}", "--stem", "small", "--image-size", "24",
+                            "--batch-size", "4", "--quiet", "--out", str(tmp_path / "t")], capsys)
+    assert_clean(code, err, 2, "005.png")
+    assert time.perf_counter() - start < 5 and not (tmp_path / "t").exists()

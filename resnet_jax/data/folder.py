@@ -131,7 +131,9 @@ class FolderSource:
                 (0, self.image_size, self.image_size), np.float32)
         return images, self.labels[idx], masks
 
-    def validate(self) -> int:
+    def validate(self, progress: bool = False) -> int:
+        from tqdm.auto import tqdm
+
         bad = []
 
         def check(i):
@@ -141,7 +143,8 @@ class FolderSource:
                 return str(e)
             return None
 
-        for msg in executor().map(check, range(self.n)):
+        for msg in tqdm(executor().map(check, range(self.n)), total=self.n, unit="img", disable=not progress,
+                        desc=f"checking {self.split} images", leave=False):
             if msg is not None:
                 bad.append(msg)
         if bad:
