@@ -197,7 +197,7 @@ def bench_train(model_name: str = "resnet18", image_size: int = 72, batch_size: 
     "ratio_median", "plain_compile_s", "aligned_compile_s", "config"}.
     """
     if n_iter < 1:
-        raise UserError(f"--steps must be at least 1, got {n_iter}")
+        raise UserError(f"n_iter must be at least 1, got {n_iter}")
     model = models.create(model_name, num_classes, stem)
     variables = random_variables(model, image_size, seed)
     tx = optax.adamw(1e-3)

@@ -14,7 +14,7 @@ import click
 
 from . import files
 from .errors import UserError
-from .validate import (IMAGE_SIZE, NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, POSITIVE_FLOAT, SEED)
+from .validate import IMAGE_SIZE, NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, POSITIVE_FLOAT, SEED, Int
 
 MIN_FREE_BYTES = 64 << 20  # refuse an --out whose disk has less free: every output needs more
 MODEL_CHOICES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
@@ -309,7 +309,8 @@ def reproduce_cmd(models_text, data_spec, ckpts, out_dir, quick, limit, seed, fo
               help="Parameters of the Hessian: fc, layer4, all or a path pattern.")
 @click.option("--iterations", type=POSITIVE, default=20, show_default=True,
               help="Lanczos iterations for the top eigenvalue.")
-@click.option("--probes", type=POSITIVE, default=30, show_default=True, help="Hutchinson probes for the trace.")
+@click.option("--probes", type=Int(2), default=30, show_default=True,
+              help="Hutchinson probes for the trace (at least 2: its standard error needs two).")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the probes.")
 @click.option("--out", "out_dir", default=None, help="Also write the report as curvature.json into this directory.")
 def curvature(ckpt_dir, data_spec, limit, param_subset, iterations, probes, seed, out_dir):

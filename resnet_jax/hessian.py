@@ -166,7 +166,7 @@ def probe_vector(rng: np.random.Generator, like, kind: str = "rademacher"):
 
 def check_counts(n_iter=None, n_samples=None):
     if n_iter is not None and int(n_iter) < 1:
-        raise UserError(f"--iterations must be at least 1, got {n_iter}")
+        raise UserError(f"n_iter must be at least 1, got {n_iter}")
     if n_samples is not None and int(n_samples) < 2:
         raise UserError(f"n_samples must be at least 2 (the standard error needs two probes), got {n_samples}")
 

@@ -3,7 +3,6 @@
 Most cases fail before any compile; the store and checkpoint they break are copies of the session's
 tiny ones (conftest.py)."""
 import errno
-import json
 import os
 import re
 import shutil
@@ -326,7 +325,8 @@ def test_symlink_loop_resume_field_and_read_only_out(capsys, tiny_ckpt, tiny_fol
     ckpt = str(tmp_path / "ckpt")
     shutil.copytree(tiny_ckpt, ckpt)
     code, _, err = run_cli(["train", "--data", f"folder:{tiny_folder}", "--stem", "small", "--image-size", "24",
-                            "--epochs", "1", "--batch-size", "8", "--learning-rate", "0.5", "--out", ckpt], capsys)
+                            "--epochs", "1", "--batch-size", "8", "--learning-rate", "0.5", "--quiet", "--out", ckpt],
+                           capsys)
     assert_clean(code, err, 2, "learning_rate=0.002, not 0.5")
     assert "{" not in err
     # A read-only --out (a read-only tmpfs where it can be mounted, else os.access saying so).
