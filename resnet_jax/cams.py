@@ -3,7 +3,6 @@ directory, `load_cams` reads it back."""
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import shutil
 import tempfile
@@ -129,8 +128,8 @@ def load_cams(cams_dir: str) -> dict:
     path = os.path.join(cams_dir, "metrics.json")
     if not os.path.exists(path):
         raise UserError(f"{cams_dir} holds no Grad-CAM results (no metrics.json): run 'resnet-jax gradcam' first")
-    with open(path) as f:
-        summary = json.load(f)
-    return {"cams": np.load(os.path.join(cams_dir, "cams.npy"), mmap_mode="r"),
-            "labels": np.load(os.path.join(cams_dir, "labels.npy")),
-            "preds": np.load(os.path.join(cams_dir, "preds.npy")), "summary": summary}
+    summary = files.read_json(path)
+    made_by = "'resnet-jax gradcam'"
+    return {"cams": files.load_npy(os.path.join(cams_dir, "cams.npy"), mmap=True, made_by=made_by),
+            "labels": files.load_npy(os.path.join(cams_dir, "labels.npy"), made_by=made_by),
+            "preds": files.load_npy(os.path.join(cams_dir, "preds.npy"), made_by=made_by), "summary": summary}
