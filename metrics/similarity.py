@@ -22,7 +22,9 @@ _CHUNK_ROWS = 8192
 class CosineSummary:
     """Mean pairwise cosine similarities, pooled over unordered pairs i != j.
 
-    intra: mean over all same-class pairs (pooled over classes).
+    intra: mean over all same-class pairs (pooled over classes: a class of n_c members weighs
+        n_c (n_c - 1) / 2 pairs, so about n_c^2).
+    intra_class_mean: the mean of the per-class means (every class with a pair weighs the same).
     inter: mean over all different-class pairs.
     gap: intra - inter.
     per_class: {class: mean over that class's pairs}, None for a class with one member.
@@ -31,6 +33,7 @@ class CosineSummary:
     """
 
     intra: float
+    intra_class_mean: float
     inter: float
     gap: float
     per_class: dict[int, float | None]
@@ -204,8 +207,10 @@ def _summary(classes, counts, class_sq, total_sq):
     n_inter = n * (n - 1) - n_intra
     intra = float(intra_sums.sum() / n_intra)
     inter = float((total_sq - n - intra_sums.sum()) / n_inter)
+    with_pairs = ordered_pairs > 0
     return CosineSummary(
         intra=intra,
+        intra_class_mean=float(np.mean(intra_sums[with_pairs] / ordered_pairs[with_pairs])),
         inter=inter,
         gap=intra - inter,
         per_class={

@@ -28,6 +28,7 @@ GRADIENT_LABELS = ("true", "predicted")
 CAM_COLUMN_METRIC = {"Grad_Cam_CC": "cc", "Grad_Cam_KLD": "kld", "Grad_Cam_SIM": "sim", "Grad_Cam_SSIM": "ssim",
                      "Grad_Cam_AUC": "auc_judd"}
 CONTROL = "GW_pred"
+IMBALANCE_RATIO = 1.5  # largest / smallest class above which Cos_Sim is the mean of per-class means
 GRAM_CHUNK_ROWS = 2048  # rows of a Gram matrix computed at once (bounds the temporaries)
 
 
@@ -183,22 +184,56 @@ def cosine_summaries(rep: Representations) -> dict:
     return {k: asdict(v) for k, v in out.items()}
 
 
+def intra_pooling(labels) -> str:
+    """Returns "pooled pairs" (every same-class pair weighs the same) when the classes with two or more
+    members are balanced (largest / smallest <= IMBALANCE_RATIO), else "per-class mean" (every class
+    weighs the same), the intra-class mean Table 1 reports."""
+    counts = np.unique(np.asarray(labels), return_counts=True)[1]
+    counts = counts[counts > 1]
+    return "pooled pairs" if len(counts) and counts.max() <= IMBALANCE_RATIO * counts.min() else "per-class mean"
+
+
+def prediction_scores(rep: Representations) -> dict:
+    """Returns {"ari", "nmi", "accuracy"} of the predictions themselves against the true labels: the
+    baseline of GW_pred's clustering, which embeds argmax(P) by construction."""
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    return {"ari": float(adjusted_rand_score(rep.labels, rep.preds)),
+            "nmi": float(normalized_mutual_info_score(rep.labels, rep.preds)),
+            "accuracy": float(np.mean(rep.labels == rep.preds))}
+
+
 def table1_row(name: str, rep: Representations, cams: dict | None) -> dict:
-    """Returns {"row": one row of Table 1 (draft columns plus inter-class means and gaps),
-    "summaries": cosine_summaries, "gw_kind"}."""
+    """Returns {"row": one row of Table 1 (draft columns plus inter-class means and gaps, the
+    Grad-CAM different-class baseline, gap, KLD median, pairs left out and mask localisation),
+    "summaries": cosine_summaries, "gw_kind"}. Cos_Sim is the pooled mean over same-class pairs, or
+    the mean of per-class means where the classes are imbalanced (row["Intra_pooling"] says which)."""
     summaries = cosine_summaries(rep)
-    row = {"Model": name}
+    pooling = intra_pooling(rep.labels)
+    intra_key = "intra" if pooling == "pooled pairs" else "intra_class_mean"
+    row = {"Model": name, "Intra_pooling": pooling}
     for key in ("GW", "P", "FM"):
-        row[f"Cos_Sim_{key}"] = summaries[key]["intra"]
+        row[f"Cos_Sim_{key}"] = summaries[key][intra_key]
         row[f"Inter_{key}"] = summaries[key]["inter"]
-        row[f"Gap_{key}"] = summaries[key]["gap"]
+        row[f"Gap_{key}"] = summaries[key][intra_key] - summaries[key]["inter"]
     if CONTROL in summaries:
-        row["Cos_Sim_GW_pred"] = summaries[CONTROL]["intra"]
+        row["Cos_Sim_GW_pred"] = summaries[CONTROL][intra_key]
         row["Inter_GW_pred"] = summaries[CONTROL]["inter"]
     if cams is not None:
-        metrics = cams["summary"]["consistency"]["metrics"]
+        consistency = cams["summary"]["consistency"]
+        metrics = consistency["metrics"]
+        different = consistency.get("different")
         for column, metric in CAM_COLUMN_METRIC.items():
+            short = column[len("Grad_Cam_"):]
             row[column] = metrics[metric]["mean"]
+            if different:
+                row[f"Diff_{short}"] = different["metrics"][metric]["mean"]
+                row[f"CamGap_{short}"] = consistency["gap"][metric]
+        row["Grad_Cam_KLD_median"] = metrics["kld"].get("median")
+        if different:
+            row["Diff_KLD_median"] = different["metrics"]["kld"].get("median")
+        row["Cam_pairs"] = consistency["pairs"]
+        row["Cam_pairs_left_out"] = max(metrics[m]["undefined"] for m in CAM_COLUMN_METRIC.values())
         loc = cams["summary"].get("localisation")
         if loc:
             for column, metric in CAM_COLUMN_METRIC.items():

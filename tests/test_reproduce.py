@@ -27,8 +27,9 @@ def test_quick_writes_every_output(quick_results):
                  "figures/resnet18_gradcam.png"):
         assert os.path.getsize(os.path.join(quick_results, name)) > 0, name
     text = open(os.path.join(quick_results, "tables.md")).read()
-    for heading in ("Table 1", "Table 2: clustering using KMeans", "Table 3: clustering using GMM",
-                    "Learning from misclassifications", "predicted-label"):
+    for heading in ("Table 1", "Grad-CAM agreement with its baselines", "Table 2: clustering using KMeans",
+                    "Table 3: clustering using GMM", "Learning from misclassifications", "predicted-label",
+                    "Predictions themselves (argmax P)", "What holds by construction"):
         assert heading in text
 
 
@@ -45,6 +46,13 @@ def test_scores_recompute_from_saved_cluster_labels(quick_results):
             assert scores["nmi"] == pytest.approx(normalized_mutual_info_score(labels, pred), abs=1e-12)
     preds = np.load(os.path.join(res["store"], "preds.npy"))
     assert res["accuracy"] == pytest.approx(np.mean(preds == labels))
+    assert res["predictions"]["ari"] == pytest.approx(adjusted_rand_score(labels, preds), abs=1e-12)
+    assert res["predictions"]["nmi"] == pytest.approx(normalized_mutual_info_score(labels, preds), abs=1e-12)
+    # the Grad-CAM baseline: different-class pairs, and the gap of the means
+    cons = res["gradcam"]["consistency"]
+    assert cons["different"]["pairs"] > 0
+    for metric, stats in cons["metrics"].items():
+        assert cons["gap"][metric] == pytest.approx(stats["mean"] - cons["different"]["metrics"][metric]["mean"])
 
 
 def test_second_run_reuses_cache_and_gives_identical_tables(quick_results, capsys):

@@ -176,6 +176,28 @@ def test_fc_gradient_direction_exact_at_any_margin(margin, dtype):
     assert np.isfinite(summary.intra)
 
 
+def test_intra_class_mean_is_the_mean_of_per_class_brute_force_means():
+    rng = np.random.default_rng(11)
+    X = rng.normal(size=(40, 5))
+    labels = np.array([0] * 30 + [1] * 6 + [2] * 3 + [3])  # imbalanced, class 3 without a pair
+    summary = pairwise_cosine_summary(X, labels)
+    per_class = brute_force_summary(X, labels)[2]
+    assert summary.intra_class_mean == pytest.approx(np.mean([per_class[c] for c in (0, 1, 2)]), rel=1e-12)
+    assert summary.intra != pytest.approx(summary.intra_class_mean, rel=1e-3)  # pooling weighs class 0 most
+
+
+def test_same_prediction_gives_delta_cosine_at_least_one_half():
+    """GW_pred by construction: deltas built with the argmax label share their -onehot part."""
+    logits = np.random.default_rng(12).normal(size=(300, 6)) * 4
+    predicted = logits.argmax(axis=1)
+    delta = fc_gradient_deltas(logits, predicted)
+    unit = delta / np.linalg.norm(delta, axis=1, keepdims=True)
+    cos = unit @ unit.T
+    same = predicted[:, None] == predicted[None, :]
+    assert cos[same].min() >= 0.5 - 1e-12
+    assert cos[~same].max() < 0.5  # across predictions it can be lower, and here it is
+
+
 def test_fc_gradients_match_finite_differences_of_cross_entropy():
     # logits = h @ W + b with W (d, C) as in Flax; loss = -log softmax(logits)[y].
     rng = np.random.default_rng(3)
