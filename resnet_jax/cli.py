@@ -206,7 +206,7 @@ def gradcam(ckpt_dir, data_spec, out_dir, layer, method, label_source, limit, ba
     summary = cams.run_gradcam(ckpt_dir, data_spec, out_dir, layer=layer, method=method, label_source=label_source,
                                limit=limit, batch_size=batch_size, max_pairs=max_pairs, seed=seed, progress=not quiet)
     rows = cams.cam_metric_rows(summary)
-    click.echo(tables.markdown_table(rows, ("comparison", "metric", "mean", "std", "n", "undefined")))
+    click.echo(tables.markdown_table(rows, ("comparison", "metric", "mean", "median", "std", "n", "undefined")))
     click.echo(f"{summary['n']} maps of {summary['data']} ({summary['degenerate_maps']} all-zero) compared with "
                f"{summary['compared_with']}; written to {out_dir}")
 
@@ -223,6 +223,9 @@ def similarity(stores, cams_dirs, out_prefix):
     click.echo(tables.markdown_table_1(rows))
     click.echo()
     click.echo(tables.markdown_table(rows, ["Model", *tables.INTER_COLUMNS]))
+    if cams_dirs:
+        click.echo()
+        click.echo(tables.markdown_table(rows, tables.CAM_ROW_COLUMNS))
     if out_prefix:
         columns = list(dict.fromkeys(k for r in rows for k in r))
         files.write_csv(out_prefix + ".csv", rows, columns)

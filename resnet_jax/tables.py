@@ -43,6 +43,8 @@ def _cluster_rows(results: dict, method: str, spaces) -> tuple[list[dict], list[
 
 
 CAM_METRICS = (("CC", "cc"), ("KLD", "kld"), ("SIM", "sim"), ("SSIM", "ssim"), ("AUC", "auc_judd"))
+CAM_ROW_COLUMNS = ("Model", *(f"{p}{m}" for m, _ in CAM_METRICS for p in ("Grad_Cam_", "Diff_", "CamGap_", "Mask_")),
+                   "Grad_Cam_KLD_median", "Cam_pairs", "Cam_pairs_left_out")  # Table 1 row keys of the baselines
 CAM_BASELINE_COLUMNS = ("Model", "Metric", "Same-class pairs", "Different-class pairs", "Gap (same - different)",
                         "Map vs object mask", "Same-class median", "Different-class median", "Pairs left out")
 
