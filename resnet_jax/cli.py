@@ -142,7 +142,10 @@ def info(ckpt):
 @click.option("--label-source", type=click.Choice(["true", "predicted"]), default="true", show_default=True,
               help="Label of the loss: the true label (the draft) or the argmax prediction (control).")
 @click.option("--project-dim", type=int, default=None,
-              help="Random projection of each gradient to this many dimensions (seeded, on device).")
+              help="Random projection of each gradient to this many dimensions (seeded, on device; "
+                   "block-Kronecker with 8x8 blocks). It is approximate: cosines between projected fc "
+                   "gradients (ResNet-18, digits, 200 images) were off by 0.067 (std) at 1024 and 0.042 at "
+                   "2048 dimensions (a dense projection: 0.029 at 1024). Leave it out for exact cosines.")
 @click.option("--batch-size", default=64, show_default=True, help="Images per shard (and per step).")
 @click.option("--limit", type=int, default=None, help="Only the first N images.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the projection.")
