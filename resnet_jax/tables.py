@@ -78,14 +78,15 @@ def _prediction_rows(results: dict) -> list[dict]:
 
 
 BY_CONSTRUCTION = (
-    "What holds by construction, for any network, trained or not: (1) with true labels the fc gradient is "
-    "(softmax - onehot(y)) x [features, 1], whose -onehot(y) part carries at least half of its squared norm, "
-    "so GW clusters by the true class and a misclassified image's GW lies nearest its true class centroid "
-    "whatever the network learned; (2) with predicted labels, cos(delta_i, delta_j) >= 1/2 for any two images "
-    "with the same prediction (their -onehot parts coincide), so GW_pred is an embedding of argmax(P): its "
-    "clustering follows the predictions (compare with the row 'Predictions themselves') and a misclassified "
-    "image's GW_pred lies nearest its predicted class centroid. Neither says anything about what the "
-    "network learned beyond its predictions.")
+    "What holds by construction, for any network, trained or not: the fc gradient is [features, 1] x delta "
+    "with delta = softmax - onehot(label), whose -onehot part carries at least half of ||delta||^2, so "
+    "cos(delta_i, delta_j) >= 1/2 for any two images with the same gradient label (and the features' cosine, "
+    "the other factor of the gradients' cosine, is positive after ReLU). (1) With true labels that label is "
+    "the class: GW clustering by the true class, and a misclassified image's GW lying nearest its true class "
+    "centroid, are expected whatever the network learned. (2) With predicted labels it is the prediction: "
+    "GW_pred is an embedding of argmax(P), so compare its clustering with the row 'Predictions themselves', "
+    "and a misclassified image's GW_pred lying nearest its predicted class centroid is expected. Neither "
+    "says anything about what the network learned beyond its predictions.")
 
 
 def _accuracy_rows(results: dict) -> list[dict]:
