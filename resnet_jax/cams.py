@@ -88,7 +88,7 @@ def run_gradcam(ckpt_dir: str, data_spec: str, out_dir: str, layer: str = "layer
                "accuracy": float(np.mean(preds == labels)), "degenerate_maps": int(degenerate.sum()),
                "consistency": agreement.consistency(cams, labels, max_pairs=max_pairs, seed=seed),
                "localisation": agreement.localisation(cams, np.concatenate(masks)) if masks else None}
-    summary["compared_with"] = ("same-class pairs of maps" + (" and object masks" if masks else "")
+    summary["compared_with"] = ("same-class pairs of maps, different-class pairs as their baseline" + (" and object masks" if masks else "")
                                 + ("" if masks else " (the data has no object masks)"))
     tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out_dir)) or ".", prefix=".tmp-gradcam-")
     try:
@@ -99,7 +99,7 @@ def run_gradcam(ckpt_dir: str, data_spec: str, out_dir: str, layer: str = "layer
         files.write_json(os.path.join(tmp, "ids.json"), [str(i) for i in ds.ids[:n]])
         files.write_json(os.path.join(tmp, "metrics.json"), summary)
         files.write_csv(os.path.join(tmp, "metrics.csv"), cam_metric_rows(summary),
-                  ("comparison", "metric", "mean", "std", "n", "undefined"))
+                  ("comparison", "metric", "mean", "median", "std", "n", "undefined"))
         order = [i for c in sorted(shown) for i, _ in shown[c]]
         figures.image_grid(np.stack([img for c in sorted(shown) for _, img in shown[c]]), labels[order],
                            ckpt.meta["class_names"], os.path.join(tmp, "overlays.png"), per_class=per_class,
@@ -115,6 +115,8 @@ def cam_metric_rows(summary: dict) -> list[dict]:
     """Returns one row per (comparison, metric) of a Grad-CAM summary."""
     rows = []
     parts = [("same-class pairs", summary["consistency"]["metrics"])]
+    if summary["consistency"].get("different"):
+        parts.append(("different-class pairs", summary["consistency"]["different"]["metrics"]))
     if summary.get("localisation"):
         parts.append(("object mask", summary["localisation"]))
     for comparison, metrics in parts:

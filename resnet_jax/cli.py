@@ -172,7 +172,10 @@ def info(ckpt_arg, ckpt_opt):
 @click.option("--label-source", type=click.Choice(["true", "predicted"]), default="true", show_default=True,
               help="Label of the loss: the true label (the draft) or the argmax prediction (control).")
 @click.option("--project-dim", type=POSITIVE, default=None,
-              help="Random projection of each gradient to this many dimensions (seeded, on device).")
+              help="Random projection of each gradient to this many dimensions (seeded, on device; "
+                   "block-Kronecker with 8x8 blocks). It is approximate: cosines between projected fc "
+                   "gradients (ResNet-18, digits, 200 images) were off by 0.067 (std) at 1024 and 0.042 at "
+                   "2048 dimensions (a dense projection: 0.029 at 1024). Leave it out for exact cosines.")
 @click.option("--batch-size", type=POSITIVE, default=None,
               help="Images per shard (and per step); default: from the device's free memory (64 on the CPU).")
 @click.option("--limit", type=POSITIVE, default=None, help="Only the first N images.")
@@ -247,7 +250,7 @@ def gradcam(ckpt_dir, data_spec, out_dir, layer, method, label_source, limit, ba
                                    label_source=label_source, limit=limit, batch_size=batch_size,
                                    max_pairs=max_pairs, seed=seed, progress=not quiet, precision=precision)
     rows = cams.cam_metric_rows(summary)
-    click.echo(tables.markdown_table(rows, ("comparison", "metric", "mean", "std", "n", "undefined")))
+    click.echo(tables.markdown_table(rows, ("comparison", "metric", "mean", "median", "std", "n", "undefined")))
     click.echo(f"{summary['n']} maps of {summary['data']} ({summary['degenerate_maps']} all-zero) compared with "
                f"{summary['compared_with']}; written to {out_dir}")
 
@@ -266,6 +269,9 @@ def similarity(stores, cams_dirs, out_dir):
     click.echo(tables.markdown_table_1(rows))
     click.echo()
     click.echo(tables.markdown_table(rows, ["Model", *tables.INTER_COLUMNS]))
+    if cams_dirs:
+        click.echo()
+        click.echo(tables.markdown_table(rows, tables.CAM_ROW_COLUMNS))
     if out_dir:
         columns = list(dict.fromkeys(k for r in rows for k in r))
         with files.locked(out_dir):

@@ -188,7 +188,8 @@ def _run_model(name, arch, base_spec, ckpt_dir, epochs, out_dir, limit, seed, gr
               "gradcam_dir": os.path.abspath(cams_dir), "checkpoint_test_accuracy": ckpt.meta.get("test_accuracy"),
               "accuracy": accuracy_heldout, "n": int(len(rep.labels)), "table1": table1["row"],
               "cosine": table1["summaries"], "gw_kind": table1["gw_kind"], "gradcam": cams["summary"],
-              "clustering": clusters, "misclassified": report, "timings": timings}
+              "clustering": clusters, "predictions": analysis.prediction_scores(rep),
+              "misclassified": report, "timings": timings}
     return result, {"ds": ds, "cams": cams, "meta": ckpt.meta}
 
 
@@ -202,7 +203,7 @@ def _cached_cams(cams_dir, ckpt_dir, step, limit):
         return None
     summary = cams["summary"]
     same = (summary.get("checkpoint") == os.path.abspath(ckpt_dir) and summary.get("checkpoint_step") == step
-            and summary.get("limit") == limit)
+            and summary.get("limit") == limit and bool(summary["consistency"].get("different")))
     return cams if same else None
 
 

@@ -199,6 +199,11 @@ def test_curvature_reports_both_groups(capsys, tiny_ckpt, tiny_folder, tmp_path)
     groups = report["groups"]
     assert groups["correct"]["count"] + groups["misclassified"]["count"] == 12
     assert "correct" in text and "misclassified" in text
+    smaller = min(groups["correct"]["count"], groups["misclassified"]["count"])
+    eq = report["equal_size"]  # five equal-size draws by default
+    assert (eq is None) == (smaller == 0)
+    assert eq is None or (eq["size"] == smaller and len(eq["correct"]["top_eigenvalues"]) == 5
+                          and f"{smaller}-image subsamples" in text and "compare the groups at equal size" in text)
     code, _, err = run_cli(["curvature", "--ckpt", tiny_ckpt, "--data", f"folder:{tiny_folder}:all", "--limit",
                             "0"], capsys)
     assert_one_line_error(code, err, "--limit")
