@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse
+import scipy.special
 
 from .validate import as_labels, as_real_matrix
 
@@ -21,7 +22,9 @@ _CHUNK_ROWS = 8192
 class CosineSummary:
     """Mean pairwise cosine similarities, pooled over unordered pairs i != j.
 
-    intra: mean over all same-class pairs (pooled over classes).
+    intra: mean over all same-class pairs (pooled over classes: a class of n_c members weighs
+        n_c (n_c - 1) / 2 pairs, so about n_c^2).
+    intra_class_mean: the mean of the per-class means (every class with a pair weighs the same).
     inter: mean over all different-class pairs.
     gap: intra - inter.
     per_class: {class: mean over that class's pairs}, None for a class with one member.
@@ -30,6 +33,7 @@ class CosineSummary:
     """
 
     intra: float
+    intra_class_mean: float
     inter: float
     gap: float
     per_class: dict[int, float | None]
@@ -62,61 +66,75 @@ def pairwise_cosine_summary(X, labels):
     return _summary(classes, counts, np.einsum("kd,kd->k", sums, sums), float(np.sum(sums.sum(axis=0) ** 2)))
 
 
-def fc_gradient_deltas(probs, labels):
-    """Return delta = probs - onehot(labels), shape (N, C).
+def fc_gradient_deltas(logits, labels, direction=False):
+    """Return delta = softmax(logits) - onehot(labels), shape (N, C) float64, exact at any margin.
 
-    This is d(cross-entropy)/d(logits) per example. probs: (N, C) softmax probabilities
-    (rows sum to 1); labels: (N,) integers in [0, C).
+    This is d(cross-entropy)/d(logits) per example, formed as delta_c = p_c (c != y) and
+    delta_y = -sum_{c != y} p_c (never p_y - 1, which rounds to 0 once p_y rounds to 1).
+    With direction=True returns delta / sum_{c != y} p_c instead: the softmax of the other
+    logits with -1 at y, which has the direction of delta, norm in [1, sqrt(2)] and no
+    underflow at any margin (the cosine analyses use it). logits: (N, C); labels: (N,)
+    integers in [0, C).
     """
-    probs = _as_probs(probs)
-    labels = as_labels(labels, probs.shape[0], "labels")
-    if labels.size and (labels.min() < 0 or labels.max() >= probs.shape[1]):
-        raise ValueError(f"labels must lie in [0, {probs.shape[1]}) to index the {probs.shape[1]} classes of probs")
-    delta = probs.astype(np.result_type(probs.dtype, np.float32), copy=True)
-    delta[np.arange(delta.shape[0]), labels] -= 1
+    logits = as_real_matrix(logits, "logits")
+    if not np.isfinite(logits).all():
+        raise ValueError("logits contains NaN or Inf; check the model outputs")
+    if logits.shape[1] < 2:
+        raise ValueError(f"logits must have at least 2 classes (N, C), got shape {logits.shape}")
+    labels = as_labels(labels, logits.shape[0], "labels")
+    if labels.size and (labels.min() < 0 or labels.max() >= logits.shape[1]):
+        raise ValueError(f"labels must lie in [0, {logits.shape[1]}) to index the {logits.shape[1]} classes of logits")
+    z = logits.astype(np.float64)
+    rows = np.arange(z.shape[0])
+    others = z.copy()
+    others[rows, labels] = -np.inf
+    lse_others = scipy.special.logsumexp(others, axis=1)
+    delta = np.exp(others - lse_others[:, None])  # softmax over c != y, 0 at y
+    delta[rows, labels] = -1.0
+    if not direction:
+        # sum_{c != y} p_c = 1 - p_y = sigmoid(logsumexp_{c != y} z_c - z_y), without cancellation
+        delta *= scipy.special.expit(lse_others - z[rows, labels])[:, None]
     return delta
 
 
-def fc_gradients(features, probs, gradient_labels):
+def fc_gradients(features, deltas):
     """Return the explicit per-example fc-layer gradients, shape (N, d*C + C).
 
     For logits = h @ W + b with W of shape (d, C), row i is concat(vec(h_i outer delta_i)
-    in row-major (d, C) order, delta_i), i.e. (dL/dW, dL/db) flattened. Memory O(N*d*C):
-    meant for tests and small N.
+    in row-major (d, C) order, delta_i), i.e. (dL/dW, dL/db) flattened; deltas (N, C) from
+    fc_gradient_deltas. Memory O(N*d*C): meant for tests and small N.
     """
-    features, delta = _features_and_deltas(features, probs, gradient_labels)
+    features, deltas = _features_and_deltas(features, deltas)
     n, d = features.shape
-    weight = np.einsum("nd,nc->ndc", features, delta).reshape(n, d * delta.shape[1])
-    return np.concatenate([weight, delta], axis=1)
+    weight = np.einsum("nd,nc->ndc", features, deltas).reshape(n, d * deltas.shape[1])
+    return np.concatenate([weight, deltas], axis=1)
 
 
-def fc_gradient_gram(features, probs, gradient_labels):
-    """Return the (N, N) float64 Gram matrix of the fc-layer gradients.
+def fc_gradient_gram(features, deltas):
+    """Return the (N, N) float64 Gram matrix of the fc-layer gradients of fc_gradients.
 
     Entry (i, j) is <g_i, g_j> = (h_i . h_j + 1) * (delta_i . delta_j), without forming g.
     """
-    features, delta = _features_and_deltas(features, probs, gradient_labels)
+    features, deltas = _features_and_deltas(features, deltas)
     features = features.astype(np.float64, copy=False)
-    delta = delta.astype(np.float64, copy=False)
-    return (features @ features.T + 1.0) * (delta @ delta.T)
+    deltas = deltas.astype(np.float64, copy=False)
+    return (features @ features.T + 1.0) * (deltas @ deltas.T)
 
 
-def fc_gradient_cosine_summary(features, probs, labels, gradient_labels=None):
+def fc_gradient_cosine_summary(features, deltas, labels):
     """Cosine summary of the fc-layer gradients, grouped by `labels`.
 
-    Same result as pairwise_cosine_summary(fc_gradients(features, probs, gradient_labels),
-    labels) but computed from per-class sums of the (d+1, C) matrices [h_i; 1] delta_i^T
-    / ||g_i||, in O(N*d*C) time and O(d*C) extra memory. features: (N, d); probs: (N, C);
-    labels: (N,) grouping labels; gradient_labels: (N,) labels that build delta (defaults
-    to `labels`; pass predicted labels for label-free gradients). Raises ValueError if an
-    example's delta is zero (probs exactly one-hot at its label), as its cosine is undefined.
+    Same result as pairwise_cosine_summary(fc_gradients(features, deltas), labels) but
+    computed from per-class sums of the (d+1, C) matrices [h_i; 1] delta_i^T / ||g_i||, in
+    O(N*d*C) time and O(d*C) extra memory. features: (N, d); deltas: (N, C), e.g.
+    fc_gradient_deltas(logits, gradient_labels, direction=True) (cosines depend only on the
+    direction of each delta); labels: (N,) grouping labels. Raises ValueError for a zero
+    row of deltas (a delta that underflowed: build it with direction=True).
     """
-    features, delta = _features_and_deltas(features, probs, labels if gradient_labels is None else gradient_labels)
+    features, delta = _features_and_deltas(features, deltas)
     classes, inverse, counts = _class_index(labels, features.shape[0])
-    delta_norms = np.sqrt(np.einsum("nc,nc->n", delta, delta, dtype=np.float64))
-    _check_norms(
-        delta_norms, "delta", "examples have a zero gradient (probs exactly one-hot at the label); drop them first"
-    )
+    delta_norms = _row_norms(delta)
+    _check_norms(delta_norms, "deltas", "rows of deltas are zero; build them with fc_gradient_deltas(..., direction=True)")
     # ||g_i|| = sqrt(||h_i||^2 + 1) * ||delta_i||; fold the whole scale into delta.
     coef = 1.0 / (np.sqrt(_row_norms(features) ** 2 + 1.0) * delta_norms)
     total_weight = np.zeros((features.shape[1], delta.shape[1]))
@@ -189,8 +207,10 @@ def _summary(classes, counts, class_sq, total_sq):
     n_inter = n * (n - 1) - n_intra
     intra = float(intra_sums.sum() / n_intra)
     inter = float((total_sq - n - intra_sums.sum()) / n_inter)
+    with_pairs = ordered_pairs > 0
     return CosineSummary(
         intra=intra,
+        intra_class_mean=float(np.mean(intra_sums[with_pairs] / ordered_pairs[with_pairs])),
         inter=inter,
         gap=intra - inter,
         per_class={
@@ -227,27 +247,16 @@ def _check_norms(norms, name, zero_message):
         raise ValueError(f"{zero} {zero_message}")
 
 
-def _as_probs(probs):
-    probs = as_real_matrix(probs, "probs")
-    if not np.isfinite(probs).all():
-        raise ValueError("probs contains NaN or Inf; check the model outputs")
-    row_sums = probs.sum(axis=1, dtype=np.float64)
-    if probs.min() < 0 or not np.allclose(row_sums, 1.0, atol=1e-3):
-        raise ValueError(
-            f"probs rows must be non-negative and sum to 1 (row sums in [{row_sums.min():.4g}, "
-            f"{row_sums.max():.4g}]); pass softmax probabilities, not logits"
-        )
-    return probs
-
-
-def _features_and_deltas(features, probs, gradient_labels):
-    """Validate features (N, d) and return them with delta (N, C)."""
+def _features_and_deltas(features, deltas):
+    """Validate features (N, d) and deltas (N, C) and return them."""
     features = as_real_matrix(features, "features")
     if not np.isfinite(features).all():
         raise ValueError("features contains NaN or Inf; check the pooled activations")
-    delta = fc_gradient_deltas(probs, gradient_labels)
-    if delta.shape[0] != features.shape[0]:
+    deltas = as_real_matrix(deltas, "deltas")
+    if not np.isfinite(deltas).all():
+        raise ValueError("deltas contains NaN or Inf; build them with fc_gradient_deltas from finite logits")
+    if deltas.shape[0] != features.shape[0]:
         raise ValueError(
-            f"features has {features.shape[0]} rows but probs has {delta.shape[0]}; pass one row per example to both"
+            f"features has {features.shape[0]} rows but deltas has {deltas.shape[0]}; pass one row per example to both"
         )
-    return features, delta
+    return features, deltas

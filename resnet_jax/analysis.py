@@ -7,8 +7,11 @@ Representations of each image, as in the draft:
 
 `Representations.from_store` owns how GW is available. For an fc store without projection GW is
 kept as its exact factors (FM, the logits, the labels the loss used) and used through the Kronecker
-identity <g_i, g_j> = (h_i.h_j + 1)(delta_i.delta_j), delta = softmax(logits) - onehot(label) in
-float64: exact, and the N x (d*C + C) matrix is formed only when `gw_rows` is asked for. Otherwise
+identity <g_i, g_j> = (h_i.h_j + 1)(delta_i.delta_j), delta = softmax(logits) - onehot(label). The
+cosine analyses (Gram matrix, summaries, centroids) use the direction of delta, delta / sum_{c != y}
+p_c = (softmax of the other logits, -1 at y), which is exact at any logit margin (delta itself
+underflows beyond a margin of about 745 in float64); the N x (d*C + C) matrix is formed only when
+`gw_rows` is asked for. Otherwise
 the stored rows are used. GW is built with the store's gradient label (`label_source`: "true" or
 "predicted"); with factors, the other label is available too (the predicted-label control).
 """
@@ -25,6 +28,7 @@ GRADIENT_LABELS = ("true", "predicted")
 CAM_COLUMN_METRIC = {"Grad_Cam_CC": "cc", "Grad_Cam_KLD": "kld", "Grad_Cam_SIM": "sim", "Grad_Cam_SSIM": "ssim",
                      "Grad_Cam_AUC": "auc_judd"}
 CONTROL = "GW_pred"
+IMBALANCE_RATIO = 1.5  # largest / smallest class above which Cos_Sim is the mean of per-class means
 GRAM_CHUNK_ROWS = 2048  # rows of a Gram matrix computed at once (bounds the temporaries)
 
 
@@ -53,17 +57,18 @@ def unit_gram(G) -> np.ndarray:
     return G / np.outer(d, d)
 
 
-def fc_unit_gram(features, probs64, gradient_labels) -> np.ndarray:
+def fc_unit_gram(features, logits, gradient_labels) -> np.ndarray:
     """Returns the (N, N) float64 Gram matrix of the unit-length fc gradients built with
-    `gradient_labels`, without forming the gradients; above GRAM_CHUNK_ROWS rows it is filled in
-    blocks of rows, so its only N x N array is the result."""
+    `gradient_labels`, without forming the gradients (exact at any margin: it uses the direction
+    of delta); above GRAM_CHUNK_ROWS rows it is filled in blocks of rows, so its only N x N array
+    is the result."""
     from metrics import similarity
 
     n = len(features)
+    delta = similarity.fc_gradient_deltas(logits, gradient_labels, direction=True)
     if n <= GRAM_CHUNK_ROWS:
-        return unit_gram(similarity.fc_gradient_gram(features, probs64, gradient_labels))
+        return unit_gram(similarity.fc_gradient_gram(features, delta))
     h = np.asarray(features, np.float64)
-    delta = similarity.fc_gradient_deltas(probs64, gradient_labels).astype(np.float64, copy=False)
     norms = np.sqrt((np.einsum("nd,nd->n", h, h) + 1.0) * np.einsum("nc,nc->n", delta, delta))
     if np.any(norms == 0):
         raise ValueError(f"{int(np.sum(norms == 0))} rows are all zero: their direction is undefined")
@@ -82,14 +87,13 @@ def fc_unit_gram(features, probs64, gradient_labels) -> np.ndarray:
 class Representations:
     """GW, P and FM of the N images of a store.
 
-    fm (N, d) and p (N, C) float64; probs64 (N, C) the softmax of the logits in float64; labels and
-    preds (N,); label_source: the gradient label GW was built with; gw_kind: "kronecker" (GW kept as
-    its factors fm, probs64 and the labels) or "explicit" (rows (N, D) in `rows`, read on demand).
+    fm (N, d), p (N, C) and logits (N, C) float64; labels and preds (N,); label_source: the gradient
+    label GW was built with; gw_kind: "kronecker" (GW kept as its factors fm, logits and the labels) or "explicit" (rows (N, D) in `rows`, read on demand).
     """
 
     fm: np.ndarray
     p: np.ndarray
-    probs64: np.ndarray
+    logits: np.ndarray
     labels: np.ndarray
     preds: np.ndarray
     label_source: str
@@ -105,7 +109,7 @@ class Representations:
         if kind is None:  # stores written before the manifest said it
             kind = "factors" if run.get("grad_params") == "fc" and run.get("projection") is None else "rows"
         return cls(fm=np.asarray(store["fm"], np.float64), p=np.asarray(store["p"], np.float64),
-                   probs64=softmax64(store["logits"]), labels=np.asarray(store["labels"]),
+                   logits=np.asarray(store["logits"], np.float64), labels=np.asarray(store["labels"]),
                    preds=np.asarray(store["preds"]), label_source=run.get("label_source", "true"),
                    gw_kind="kronecker" if kind == "factors" else "explicit",
                    rows=None if kind == "factors" else store["gw"])
@@ -135,13 +139,13 @@ class Representations:
         labels = self.gradient_labels(label_source)
         if self.gw_kind == "explicit":
             return np.asarray(self.rows, np.float64)
-        return similarity.fc_gradients(self.fm, self.probs64, labels)
+        return similarity.fc_gradients(self.fm, similarity.fc_gradient_deltas(self.logits, labels))
 
     def gw_unit_gram(self, label_source: str | None = None) -> np.ndarray:
         """Returns the (N, N) Gram matrix of the unit-length GW rows (never forms them with factors)."""
         labels = self.gradient_labels(label_source)
         if self.gw_kind == "kronecker":
-            return fc_unit_gram(self.fm, self.probs64, labels)
+            return fc_unit_gram(self.fm, self.logits, labels)
         X = unit_rows(self.rows)
         return X @ X.T
 
@@ -153,7 +157,7 @@ class Representations:
         labels = self.gradient_labels(label_source)
         if self.gw_kind == "kronecker":
             a = np.concatenate([self.fm, np.ones((len(self.fm), 1))], axis=1)
-            delta = similarity.fc_gradient_deltas(self.probs64, labels)
+            delta = similarity.fc_gradient_deltas(self.logits, labels, direction=True)
             return misclassified.kron_centroid_report(a, delta, self.labels, self.preds)
         return misclassified.centroid_report(np.asarray(self.rows, np.float64), self.labels, self.preds)
 
@@ -163,7 +167,8 @@ class Representations:
 
         labels = self.gradient_labels(label_source)
         if self.gw_kind == "kronecker":
-            return similarity.fc_gradient_cosine_summary(self.fm, self.probs64, group_labels, labels)
+            return similarity.fc_gradient_cosine_summary(
+                self.fm, similarity.fc_gradient_deltas(self.logits, labels, direction=True), group_labels)
         return similarity.pairwise_cosine_summary(np.asarray(self.rows, np.float64), group_labels)
 
 
@@ -179,22 +184,56 @@ def cosine_summaries(rep: Representations) -> dict:
     return {k: asdict(v) for k, v in out.items()}
 
 
+def intra_pooling(labels) -> str:
+    """Returns "pooled pairs" (every same-class pair weighs the same) when the classes with two or more
+    members are balanced (largest / smallest <= IMBALANCE_RATIO), else "per-class mean" (every class
+    weighs the same), the intra-class mean Table 1 reports."""
+    counts = np.unique(np.asarray(labels), return_counts=True)[1]
+    counts = counts[counts > 1]
+    return "pooled pairs" if len(counts) and counts.max() <= IMBALANCE_RATIO * counts.min() else "per-class mean"
+
+
+def prediction_scores(rep: Representations) -> dict:
+    """Returns {"ari", "nmi", "accuracy"} of the predictions themselves against the true labels: the
+    baseline of GW_pred's clustering, which embeds argmax(P) by construction."""
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    return {"ari": float(adjusted_rand_score(rep.labels, rep.preds)),
+            "nmi": float(normalized_mutual_info_score(rep.labels, rep.preds)),
+            "accuracy": float(np.mean(rep.labels == rep.preds))}
+
+
 def table1_row(name: str, rep: Representations, cams: dict | None) -> dict:
-    """Returns {"row": one row of Table 1 (draft columns plus inter-class means and gaps),
-    "summaries": cosine_summaries, "gw_kind"}."""
+    """Returns {"row": one row of Table 1 (draft columns plus inter-class means and gaps, the
+    Grad-CAM different-class baseline, gap, KLD median, pairs left out and mask localisation),
+    "summaries": cosine_summaries, "gw_kind"}. Cos_Sim is the pooled mean over same-class pairs, or
+    the mean of per-class means where the classes are imbalanced (row["Intra_pooling"] says which)."""
     summaries = cosine_summaries(rep)
-    row = {"Model": name}
+    pooling = intra_pooling(rep.labels)
+    intra_key = "intra" if pooling == "pooled pairs" else "intra_class_mean"
+    row = {"Model": name, "Intra_pooling": pooling}
     for key in ("GW", "P", "FM"):
-        row[f"Cos_Sim_{key}"] = summaries[key]["intra"]
+        row[f"Cos_Sim_{key}"] = summaries[key][intra_key]
         row[f"Inter_{key}"] = summaries[key]["inter"]
-        row[f"Gap_{key}"] = summaries[key]["gap"]
+        row[f"Gap_{key}"] = summaries[key][intra_key] - summaries[key]["inter"]
     if CONTROL in summaries:
-        row["Cos_Sim_GW_pred"] = summaries[CONTROL]["intra"]
+        row["Cos_Sim_GW_pred"] = summaries[CONTROL][intra_key]
         row["Inter_GW_pred"] = summaries[CONTROL]["inter"]
     if cams is not None:
-        metrics = cams["summary"]["consistency"]["metrics"]
+        consistency = cams["summary"]["consistency"]
+        metrics = consistency["metrics"]
+        different = consistency.get("different")
         for column, metric in CAM_COLUMN_METRIC.items():
+            short = column[len("Grad_Cam_"):]
             row[column] = metrics[metric]["mean"]
+            if different:
+                row[f"Diff_{short}"] = different["metrics"][metric]["mean"]
+                row[f"CamGap_{short}"] = consistency["gap"][metric]
+        row["Grad_Cam_KLD_median"] = metrics["kld"].get("median")
+        if different:
+            row["Diff_KLD_median"] = different["metrics"]["kld"].get("median")
+        row["Cam_pairs"] = consistency["pairs"]
+        row["Cam_pairs_left_out"] = max(metrics[m]["undefined"] for m in CAM_COLUMN_METRIC.values())
         loc = cams["summary"].get("localisation")
         if loc:
             for column, metric in CAM_COLUMN_METRIC.items():
@@ -257,7 +296,7 @@ def misclassification_report(rep: Representations) -> dict:
     labels, preds = rep.labels, rep.preds
     report = {"n_misclassified": int(np.sum(labels != preds)),
               "confusion_pairs": misclassified.confusion_pairs(labels, preds, top=10),
-              "most_confident_wrong": misclassified.most_confident_wrong(rep.probs64, labels, top=8).tolist(),
+              "most_confident_wrong": misclassified.most_confident_wrong(softmax64(rep.logits), labels, top=8).tolist(),
               "nearest_centroid": {}}
     reports = {space: (lambda source=source: rep.gw_centroid_report(source))
                for space, source in rep.controls().items()}

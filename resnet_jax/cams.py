@@ -3,7 +3,6 @@ directory, `load_cams` reads it back."""
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import shutil
 import tempfile
@@ -89,7 +88,7 @@ def run_gradcam(ckpt_dir: str, data_spec: str, out_dir: str, layer: str = "layer
                "accuracy": float(np.mean(preds == labels)), "degenerate_maps": int(degenerate.sum()),
                "consistency": agreement.consistency(cams, labels, max_pairs=max_pairs, seed=seed),
                "localisation": agreement.localisation(cams, np.concatenate(masks)) if masks else None}
-    summary["compared_with"] = ("same-class pairs of maps" + (" and object masks" if masks else "")
+    summary["compared_with"] = ("same-class pairs of maps, different-class pairs as their baseline" + (" and object masks" if masks else "")
                                 + ("" if masks else " (the data has no object masks)"))
     tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out_dir)) or ".", prefix=".tmp-gradcam-")
     try:
@@ -100,7 +99,7 @@ def run_gradcam(ckpt_dir: str, data_spec: str, out_dir: str, layer: str = "layer
         files.write_json(os.path.join(tmp, "ids.json"), [str(i) for i in ds.ids[:n]])
         files.write_json(os.path.join(tmp, "metrics.json"), summary)
         files.write_csv(os.path.join(tmp, "metrics.csv"), cam_metric_rows(summary),
-                  ("comparison", "metric", "mean", "std", "n", "undefined"))
+                  ("comparison", "metric", "mean", "median", "std", "n", "undefined"))
         order = [i for c in sorted(shown) for i, _ in shown[c]]
         figures.image_grid(np.stack([img for c in sorted(shown) for _, img in shown[c]]), labels[order],
                            ckpt.meta["class_names"], os.path.join(tmp, "overlays.png"), per_class=per_class,
@@ -116,6 +115,8 @@ def cam_metric_rows(summary: dict) -> list[dict]:
     """Returns one row per (comparison, metric) of a Grad-CAM summary."""
     rows = []
     parts = [("same-class pairs", summary["consistency"]["metrics"])]
+    if summary["consistency"].get("different"):
+        parts.append(("different-class pairs", summary["consistency"]["different"]["metrics"]))
     if summary.get("localisation"):
         parts.append(("object mask", summary["localisation"]))
     for comparison, metrics in parts:
@@ -129,8 +130,8 @@ def load_cams(cams_dir: str) -> dict:
     path = os.path.join(cams_dir, "metrics.json")
     if not os.path.exists(path):
         raise UserError(f"{cams_dir} holds no Grad-CAM results (no metrics.json): run 'resnet-jax gradcam' first")
-    with open(path) as f:
-        summary = json.load(f)
-    return {"cams": np.load(os.path.join(cams_dir, "cams.npy"), mmap_mode="r"),
-            "labels": np.load(os.path.join(cams_dir, "labels.npy")),
-            "preds": np.load(os.path.join(cams_dir, "preds.npy")), "summary": summary}
+    summary = files.read_json(path)
+    made_by = "'resnet-jax gradcam'"
+    return {"cams": files.load_npy(os.path.join(cams_dir, "cams.npy"), mmap=True, made_by=made_by),
+            "labels": files.load_npy(os.path.join(cams_dir, "labels.npy"), made_by=made_by),
+            "preds": files.load_npy(os.path.join(cams_dir, "preds.npy"), made_by=made_by), "summary": summary}

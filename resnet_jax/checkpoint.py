@@ -67,19 +67,44 @@ def save(directory: str, step: int, variables: dict, meta: dict, opt_state=None,
              "meta": ocp.args.JsonSave(dict(meta, step=int(step)))}
     if opt_state is not None:
         items["opt_state"] = ocp.args.StandardSave(opt_state)
-    mgr = _manager(directory, create=True, keep=keep)
-    mgr.save(step, args=ocp.args.Composite(**items))
-    mgr.wait_until_finished()
-    mgr.close()
+    try:
+        mgr = _manager(directory, create=True, keep=keep)
+        mgr.save(step, args=ocp.args.Composite(**items))
+        mgr.wait_until_finished()
+        mgr.close()
+    except BaseException as e:
+        _remove_partial_steps(directory)
+        if isinstance(e, OSError) or not isinstance(e, Exception):
+            raise
+        raise UserError(f"cannot write checkpoint step {step} in {directory} ({_one_line(e)}): check that its "
+                        f"disk has free space and is writable, then run again") from e
+
+
+def _remove_partial_steps(directory: str) -> None:
+    """Removes the temporary directories of an interrupted Orbax save (complete steps stay)."""
+    import shutil
+
+    if os.path.isdir(directory):
+        for name in os.listdir(directory):
+            if "orbax-checkpoint-tmp" in name:
+                shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())[:200]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def latest_step(directory: str) -> int | None:
     """Returns the newest complete step in `directory`, or None if there is none."""
     if not os.path.isdir(directory):
         return None
-    mgr = _manager(directory)
-    step = mgr.latest_step()
-    mgr.close()
+    try:
+        mgr = _manager(directory)
+        step = mgr.latest_step()
+        mgr.close()
+    except Exception as e:
+        raise _damaged(directory, None, e) from None
     return step
 
 
@@ -111,10 +136,23 @@ def load_meta(directory: str, step: int | None = None) -> dict:
 
 
 def _open(directory: str):
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise UserError(f"checkpoint {directory} is a file: pass the checkpoint directory (from 'resnet-jax train' "
+                        f"or 'resnet-jax convert')")
     if not os.path.isdir(directory):
         raise UserError(f"checkpoint directory {directory} does not exist: train a model with "
                         f"'resnet-jax train' or import weights with 'resnet-jax convert'")
-    return _manager(directory)
+    try:
+        return _manager(directory)
+    except Exception as e:
+        raise _damaged(directory, None, e) from None
+
+
+def _damaged(directory: str, step, e: BaseException) -> UserError:
+    """Returns the UserError of a checkpoint Orbax cannot read, naming the directory, step and cause."""
+    where = directory if step is None else os.path.join(directory, str(step))
+    return UserError(f"cannot read checkpoint {where} ({_one_line(e)}): it is damaged or not a checkpoint; "
+                     f"pass a directory written by 'resnet-jax train' or 'resnet-jax convert', or write it again")
 
 
 def _read_meta(mgr, directory: str, step: int) -> dict:
@@ -128,7 +166,10 @@ def _read_meta(mgr, directory: str, step: int) -> dict:
 
 
 def _require_step(mgr, directory: str, step: int | None) -> int:
-    latest = mgr.latest_step()
+    try:
+        latest = mgr.latest_step()
+    except Exception as e:
+        raise _damaged(directory, None, e) from None
     if latest is None:
         raise UserError(f"{directory} holds no complete checkpoint: pass a directory written by "
                         f"'resnet-jax train' or 'resnet-jax convert'")
@@ -150,7 +191,7 @@ def load(directory: str, step: int | None = None, opt_state_target=None, expect:
         meta = _read_meta(mgr, directory, step)
         for key, want in (expect or {}).items():
             if want is not None and meta.get(key) != want:
-                raise UserError(f"checkpoint {directory} is for {key}={meta.get(key)!r}, not {want!r}: "
+                raise UserError(f"checkpoint {directory} is for {key.replace('_', ' ')} {meta.get(key)!r}, not {want!r}: "
                                 f"pass a checkpoint of the right {key} or retrain")
         model = models.create(meta["model"], meta["num_classes"], meta["stem"])
         shapes = models.variable_shapes(model, meta["image_size"])
@@ -158,8 +199,17 @@ def load(directory: str, step: int | None = None, opt_state_target=None, expect:
         items = {"state": ocp.args.StandardRestore(jax.tree.map(_abstract, target))}
         if opt_state_target is not None:
             items["opt_state"] = ocp.args.StandardRestore(jax.tree.map(_abstract, opt_state_target))
-        check_tree(mgr.item_metadata(step)["state"], target, directory)
-        restored = mgr.restore(step, args=ocp.args.Composite(**items))
+        try:
+            stored = mgr.item_metadata(step)["state"]
+        except Exception as e:
+            raise _damaged(directory, step, e) from None
+        if stored is None:
+            raise _damaged(directory, step, FileNotFoundError("no state/ in this step"))
+        check_tree(stored, target, directory)
+        try:
+            restored = mgr.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:
+            raise _damaged(directory, step, e) from None
     finally:
         mgr.close()
     return Checkpoint(step=step, variables=dict(restored["state"]), opt_state=restored.get("opt_state"), meta=meta)

@@ -34,7 +34,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from . import checkpoint, models
+from . import checkpoint, models, validate
 from .errors import UserError
 
 TORCH_SUFFIXES = (".pth", ".pt")
@@ -175,7 +175,7 @@ def from_state_dict(state: dict, model_name: str, num_classes: int | None = None
         value = state[e.torch_key]
         shape = tuple(np.shape(value))
         if shape != e.torch_shape:
-            fix = (f": pass num_classes={shape[0]} or the matching weights" if e.torch_key.startswith("fc.")
+            fix = (f": pass --num-classes {shape[0]} or the matching weights" if e.torch_key.startswith("fc.")
                    else _hint(model_name, state))
             raise UserError(f"weight {e.torch_key} has shape {shape}, {model_name} with {num_classes} classes "
                             f"needs {e.torch_shape}{fix}")
@@ -266,11 +266,13 @@ def convert(src: str, model_name: str, out_dir: str, num_classes: int | None = N
     """
     out_dir = os.path.abspath(os.fspath(out_dir))
     _check_out_dir(out_dir, overwrite)
-    if int(image_size) < 1:
-        raise UserError(f"image_size must be positive, got {image_size}")
+    if not validate.IMAGE_SIZE_MIN <= int(image_size) <= validate.IMAGE_SIZE_MAX:
+        raise UserError(f"--image-size must be from {validate.IMAGE_SIZE_MIN} to {validate.IMAGE_SIZE_MAX}, "
+                        f"got {image_size}")
     models.create(model_name, num_classes or 1, stem)  # validates the names early
     state = read_weights(src)
     variables = from_state_dict(state, model_name, num_classes, stem)
+    validate.finite_weights(variables, os.fspath(src))
     num_classes = variables["params"]["fc"]["bias"].shape[0]
     if class_names is None:
         class_names = [f"class_{i}" for i in range(num_classes)]
@@ -295,13 +297,16 @@ def _check_out_dir(out_dir: str, overwrite: bool) -> None:
                         f"pass a new or empty directory")
     if not overwrite:
         raise UserError(f"output directory {out_dir} already holds a checkpoint: pass another directory "
-                        f"or overwrite=True (--overwrite) to replace it")
+                        f"or --overwrite to replace it")
 
 
 def _write(out_dir: str, variables: dict, meta: dict) -> None:
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.convert-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # a normal directory, not mkdtemp's 0700
     old = None
     try:
         checkpoint.save(tmp, 0, variables, meta)

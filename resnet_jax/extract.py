@@ -26,13 +26,15 @@ written to a temporary name and renamed (atomic), so a shard or array that exist
 Feeding the device: a background thread reads, decodes and transfers the next batch while the
 current one computes, and another writes the finished shards (`prefetch.py`).
 
-Resuming: the manifest (complete: false) is written first. A later run with the same arguments
+Resuming: the manifest (complete: false) is written with the first shard (a run that fails before
+its first shard leaves nothing). A later run with the same arguments
 reads it, checks that it describes the same run, keeps the leading run of valid shards and
 continues from the first missing one (`Dataset.batches(start=...)`); the computation of one shard
 depends only on its rows, so the final arrays are byte-identical to an uninterrupted run. The arrays
 are assembled from the shards at the end, the manifest is then marked complete (last) and the
 shards removed. A store that holds another run (a different model, checkpoint, data, subset,
-label source, projection, limit, batch size, ...) is refused, naming the differing field; a
+label source, projection, limit, batch size, ...) is refused, naming the differing field, except an
+unfinished one whose data or checkpoint step changed (the user fixed the data): it starts afresh; a
 complete identical store is left as it is (`force=True` rebuilds either).
 """
 from __future__ import annotations
@@ -53,6 +55,9 @@ from .prefetch import BackgroundWriter, prefetch
 
 STORE_FORMAT = "resnet-jax-store/1"
 ARRAYS = ("gw", "p", "logits", "fm", "labels", "preds")
+# Fields of an unfinished store that the user fixes by changing the data or retraining: the same command
+# then starts the store afresh instead of refusing it.
+RESTARTABLE = ("data_size", "data_digest", "checkpoint_step")
 HOST_BUDGET_FLOATS = 1 << 28  # gradient floats one shard may hold in host memory (1 GiB of float32)
 
 
@@ -232,13 +237,17 @@ def run_extract(ckpt_dir: str, data_spec, out_dir: str, grad_params: str = "fc",
             _clear(out_dir)
         else:
             diff = _first_difference(old.get("run", {}), run)
-            if diff is not None:
+            if diff is not None and not old.get("complete") and (diff in RESTARTABLE or not _has_shards(out_dir)):
+                log(f"store {out_dir} holds an unfinished run whose {diff} differs: starting it afresh")
+                _clear(out_dir)
+            elif diff is not None:
                 raise UserError(f"store {out_dir} holds a different run: {diff} is {old['run'].get(diff)!r} there "
-                                f"but {run.get(diff)!r} now; use another output directory (or force to overwrite)")
+                                f"but {run.get(diff)!r} now; pass another --out (or --force to overwrite it)")
             if old.get("complete"):
                 log(f"store {out_dir} is already complete ({old['n']} rows): nothing to do (force rebuilds it)")
                 return old
-    os.makedirs(shard_dir, exist_ok=True)
+    if "gw" in arrays:  # the shards and the assembled gw.npy each hold N x D float32 for a moment
+        files.check_out_dir(out_dir, "--out", 2 * 4 * n * dim)
     manifest = {
         "format": STORE_FORMAT, "complete": False, "run": run, "n": n, "dim": dim, "grad_dim": lay.dim,
         "layout": lay.to_json(), "class_names": [str(c) for c in getattr(ds, "class_names", meta["class_names"])],
@@ -246,8 +255,6 @@ def run_extract(ckpt_dir: str, data_spec, out_dir: str, grad_params: str = "fc",
         "shards": {"count": n_shards, "rows": rows_per_shard}, "versions": _versions(),
         "rows": [lo, hi], "gw": "factors" if factors else "rows",
     }
-    if not os.path.exists(man_path):
-        files.write_json(man_path, manifest, sort_keys=True)
 
     # Resume after the leading run of valid shards.
     done = 0
@@ -255,9 +262,10 @@ def run_extract(ckpt_dir: str, data_spec, out_dir: str, grad_params: str = "fc",
             _shard_path(out_dir, done), min(rows_per_shard, n - done * rows_per_shard),
             dim if "gw" in arrays else None):
         done += 1
-    for name in os.listdir(shard_dir):  # leftovers of a killed write
-        if ".tmp-" in name:
-            os.remove(os.path.join(shard_dir, name))
+    if os.path.isdir(shard_dir):
+        for name in os.listdir(shard_dir):  # leftovers of a killed write
+            if ".tmp-" in name:
+                os.remove(os.path.join(shard_dir, name))
 
     t0 = time.time()
     if done < n_shards:
@@ -288,6 +296,9 @@ def run_extract(ckpt_dir: str, data_spec, out_dir: str, grad_params: str = "fc",
                     values = {"gw": out["gw"], "p": out["probs"], "logits": out["logits"], "fm": out["fm"],
                               "labels": blabels, "preds": out["preds"].astype(np.int32)}
                     values = {**{a: values[a] for a in arrays}, "ids": np.asarray(bids)}
+                    if not os.path.exists(man_path):  # the store appears with its first shard, not before
+                        os.makedirs(shard_dir, exist_ok=True)
+                        files.write_json(man_path, manifest, sort_keys=True)
                     writer.submit(files.write_atomic, _shard_path(out_dir, shard), lambda f: np.savez(f, **values))
                     next_shard = shard + 1
                     written += 1
@@ -315,6 +326,11 @@ def run_extract(ckpt_dir: str, data_spec, out_dir: str, grad_params: str = "fc",
     files.write_json(man_path, manifest, sort_keys=True)
     shutil.rmtree(shard_dir, ignore_errors=True)
     return manifest
+
+
+def _has_shards(out_dir: str) -> bool:
+    shard_dir = os.path.join(out_dir, "shards")
+    return os.path.isdir(shard_dir) and any(n.endswith(".npz") for n in os.listdir(shard_dir))
 
 
 def _clear(out_dir: str) -> None:
@@ -364,8 +380,10 @@ def load_store(out_dir: str, mmap: bool = True) -> dict[str, Any]:
         raise UserError(f"{out_dir}/manifest.json is not an extract store's: point to a store written by extract")
     if not manifest.get("complete"):
         raise UserError(f"store {out_dir} is incomplete: run extract again to finish it")
-    out: dict[str, Any] = {name: np.load(os.path.join(out_dir, f"{name}.npy"), mmap_mode="r" if mmap else None)
-                           if os.path.exists(os.path.join(out_dir, f"{name}.npy")) else None for name in ARRAYS}
+    listed = set(manifest.get("files", []))
+    out: dict[str, Any] = {name: files.load_npy(os.path.join(out_dir, f"{name}.npy"), mmap, "'resnet-jax extract'")
+                           if f"{name}.npy" in listed or os.path.exists(os.path.join(out_dir, f"{name}.npy"))
+                           else None for name in ARRAYS}
     out["ids"] = files.read_json(os.path.join(out_dir, "ids.json"))
     out["manifest"] = manifest
     return out

@@ -11,7 +11,8 @@ Parameter subsets and the row layout: `params`. Projections (`project_dim=k`): `
 The taps of method "taps": `taps`.
 
 Methods (`method=`)
-    "closed"  only fc leaves: exact from the forward pass alone, delta = softmax(logits) - onehot(y),
+    "closed"  only fc leaves: exact from the forward pass alone, delta = softmax(logits) - onehot(y)
+              (`losses.stable_delta`: delta_y = -sum_{c != y} p_c, exact at any margin),
               kernel gradient = h (x) delta (h = pooled features), bias gradient = delta.
     "vmap"    the reference: jax.vmap(jax.grad(loss), in_axes=(None, None, None, 0, 0)) over the
               selected leaves (the frozen ones are closed over), one example per vmapped lane.
@@ -63,7 +64,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from . import models, taps as taplib
 from .errors import UserError
-from .losses import cross_entropy, example_loss
+from .losses import cross_entropy, example_loss, stable_delta
 from .params import get, layout, merge_params, model_key, select_paths, split_params
 from .projection import DEFAULT_KRON, Projection, make_factors, project_leaf, project_pair
 
@@ -146,7 +147,7 @@ def _step(cfg: _Config, sel, fro, batch_stats, factors, images, labels):
         y = jax.lax.stop_gradient(y)
         grads = {}
         if cfg.method == "closed":
-            delta = jax.nn.softmax(logits, -1) - jax.nn.one_hot(y, logits.shape[-1], dtype=logits.dtype)
+            delta = stable_delta(logits, y).astype(logits.dtype)
             # h (x) delta is finite when h and the logits are (no need to read B x D floats again)
             factors_finite = jnp.all(jnp.isfinite(pooled), axis=1)
             for path in cfg.paths:

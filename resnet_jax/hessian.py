@@ -48,6 +48,13 @@ Curvature report (`curvature_report`)
     (`batch_size`, zero-weight padding) so the activation memory does not grow with the group (its
     images stay on the device). Cost per group: (Lanczos iterations + `n_samples`) HVPs over the
     group. An empty group is reported with count 0 and `empty: true` (values None).
+    The top eigenvalue of a group's mean-loss Hessian shrinks as the group grows (averaging cancels
+    directions), so the two groups' values are confounded by their sizes; `draws` > 0 also reports
+    "equal_size": for d = 0..draws-1, m = the smaller group's size images drawn from each group
+    without replacement (numpy `default_rng([seed, 1000 + d])`, correct group first), the top
+    eigenvalue of each group's m-image subsample, with the mean and standard deviation over the draws
+    (the smaller group is the same in every draw, so its spread is 0). The trace is a mean over
+    images and needs no such matching.
 """
 from __future__ import annotations
 
@@ -304,12 +311,15 @@ def _chunks(idx: np.ndarray, size: int):
 
 
 def curvature_report(model, variables, images, labels, params: str = "fc", n_iter: int = 20, n_samples: int = 30,
-                     seed: int = 0, batch_size: int = 64, tol: float = 1e-3, method: str = "lanczos") -> dict:
+                     seed: int = 0, batch_size: int = 64, tol: float = 1e-3, method: str = "lanczos",
+                     draws: int = 0) -> dict:
     """Hessian curvature of the mean loss w.r.t. `params`, for correct and misclassified images apart.
 
-    Returns {"params", "n_params", "n_images", "method", "accuracy", "groups": {"correct": g, "misclassified": g}}
-    with g = {"count", "empty", "loss", "top_eigenvalue", "eigen_converged", "eigen_iterations",
-    "eigen_residual", "trace", "trace_stderr"} (values None for an empty group). JSON-serialisable.
+    Returns {"params", "n_params", "n_images", "method", "accuracy", "groups": {"correct": g, "misclassified": g},
+    "equal_size": None or {"size", "draws", "correct": e, "misclassified": e}} with g = {"count", "empty", "loss",
+    "top_eigenvalue", "eigen_converged", "eigen_iterations", "eigen_residual", "trace", "trace_stderr"} (values
+    None for an empty group) and e = {"top_eigenvalues" (draws,), "mean", "std"} (see the module docstring;
+    None without draws or with an empty group). JSON-serialisable.
     """
     check_counts(n_iter=n_iter, n_samples=n_samples)
     solver = _eigen_method(method)
@@ -339,27 +349,43 @@ def curvature_report(model, variables, images, labels, params: str = "fc", n_ite
     loss_fn = _loss_of("params", model)
     report = {"params": params, "n_params": otu.tree_size(sel), "n_images": n, "method": method,
               "accuracy": float(correct.mean()) if n else None, "groups": {}}
+    def matvec_of(idx):
+        parts = [Partial(loss_fn, fro, bs, jnp.asarray(images[i]), jnp.asarray(labels[i]),
+                         jnp.asarray(w, jnp.promote_types(images.dtype, jnp.float32)))
+                 for i, w in _chunks(idx, chunk)]
+
+        def matvec(v):
+            out = None
+            for f in parts:
+                h = hvp_jit(f, sel, v)
+                out = h if out is None else _add_jit(out, h)
+            return out
+        return matvec
+
     for name, idx in groups_idx.items():
         g = {"count": int(len(idx)), "empty": len(idx) == 0, "loss": None, "top_eigenvalue": None,
              "eigen_converged": None, "eigen_iterations": None, "eigen_residual": None,
              "trace": None, "trace_stderr": None}
         if len(idx):
-            parts = [Partial(loss_fn, fro, bs, jnp.asarray(images[i]), jnp.asarray(labels[i]),
-                             jnp.asarray(w, jnp.promote_types(images.dtype, jnp.float32)))
-                     for i, w in _chunks(idx, chunk)]
-
-            def matvec(v, parts=parts):
-                out = None
-                for f in parts:
-                    h = hvp_jit(f, sel, v)
-                    out = h if out is None else _add_jit(out, h)
-                return out
-
+            matvec = matvec_of(idx)
             lam, info = solver(matvec, sel, n_iter, seed, tol)
             tr, se, _ = hutchinson(matvec, sel, n_samples, seed)
             g.update(loss=float(losses[idx].mean()), top_eigenvalue=lam, eigen_converged=info["converged"],
                      eigen_iterations=info["iterations"], eigen_residual=info["residual"], trace=tr, trace_stderr=se)
         report["groups"][name] = g
+    size = min(len(i) for i in groups_idx.values())
+    report["equal_size"] = None
+    if int(draws) > 0 and size > 0:
+        eq = {"size": int(size), "draws": int(draws), "correct": [], "misclassified": []}
+        for d in range(int(draws)):
+            rng = np.random.default_rng([seed, 1000 + d])
+            for name, idx in groups_idx.items():
+                sub = np.sort(rng.choice(idx, size=size, replace=False))
+                eq[name].append(solver(matvec_of(sub), sel, n_iter, seed, tol)[0])
+        for name in groups_idx:
+            values = eq[name]
+            eq[name] = {"top_eigenvalues": values, "mean": float(np.mean(values)), "std": float(np.std(values))}
+        report["equal_size"] = eq
     return report
 
 
@@ -368,9 +394,11 @@ def curvature_report(model, variables, images, labels, params: str = "fc", n_ite
 
 
 def curvature_of_checkpoint(ckpt_dir: str, data_spec: str, limit: int | None, params: str = "fc", n_iter: int = 20,
-                            n_samples: int = 30, seed: int = 0):
+                            n_samples: int = 30, seed: int = 0, draws: int = 5):
     """`resnet-jax curvature`: curvature_report of the first `limit` images of `data_spec` fed to the
-    checkpoint. Returns (report, rows: one dict per group, note: a one-line description)."""
+    checkpoint, with `draws` equal-size subsample draws. Returns (report, rows: one dict per group, then
+    one per group's equal-size subsamples (top_eigenvalue: the mean over the draws), note: a description
+    with the spread over the draws)."""
     from . import checkpoint, data
 
     if limit is not None and limit < 1:
@@ -379,9 +407,20 @@ def curvature_of_checkpoint(ckpt_dir: str, data_spec: str, limit: int | None, pa
     ds = data.load_for_checkpoint(data_spec, ckpt.meta, seed=seed)
     batch = ds.take(np.arange(min(len(ds), limit or len(ds))))
     report = curvature_report(ckpt.model, ckpt.variables, batch.images, batch.labels, params=params, n_iter=n_iter,
-                              n_samples=n_samples, seed=seed)
+                              n_samples=n_samples, seed=seed, draws=draws)
     rows = [{"group": name, **{k: g.get(k) for k in ("count", "loss", "top_eigenvalue", "trace", "trace_stderr")}}
             for name, g in report["groups"].items()]
     note = (f"Hessian of the mean loss w.r.t. {report['params']} ({report['n_params']:,} parameters), "
-            f"{report['n_images']} images of {ds.spec}, accuracy {report['accuracy']:.4f}")
+            f"{report['n_images']} images of {ds.spec}, accuracy {report['accuracy']:.4f}. The top eigenvalue "
+            f"shrinks as a group grows: compare the groups at equal size")
+    eq = report["equal_size"]
+    if eq:
+        for name in ("correct", "misclassified"):
+            rows.append({"group": f"{name}, {eq['size']}-image subsamples", "count": eq["size"],
+                         "top_eigenvalue": eq[name]["mean"]})
+        note += (f": {eq['draws']} draws of {eq['size']} images per group, top eigenvalue mean +- std: correct "
+                 f"{eq['correct']['mean']:.4g} +- {eq['correct']['std']:.2g}, misclassified "
+                 f"{eq['misclassified']['mean']:.4g} +- {eq['misclassified']['std']:.2g}")
+    else:
+        note += " (not possible here: a group is empty)"
     return report, rows, note

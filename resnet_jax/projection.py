@@ -20,7 +20,12 @@ Rank <= 1 leaves use M (m, k) floats of factors, rank >= 2 leaves (f + o) * k / 
     For fc this is the Kronecker projection (h A_j) (x) (delta B_j). Larger k1, k2 make the
     projection cheaper and noisier: for a rank-one gradient the relative variance of a squared
     norm is about (2/k1 + 2/k2) / r (dense JL: 2/k); gradients of convolutions are sums over
-    many positions and fare better. Default kron=(8, 8): at k=1024, r=16 blocks.
+    many positions and fare better. Default kron=(8, 8): at k=1024, r=16 blocks. Measured on the fc
+    gradients of a ResNet-18 store (digits, 200 images, 5,130 dimensions, 3 seeds), the error of the
+    pairwise cosines has a standard deviation of 0.067 at k=1024 (8x8), 0.046 (4x4), 0.042 (1x1) and
+    0.042 at k=2048 (8x8), against 0.029 for a dense Rademacher projection at k=1024: blocks of rank-one
+    columns cannot reach the dense error on rank-one gradients, so a cosine error <= 0.03 needs
+    k >= 2048 with 1x1 blocks (0.028) or no projection.
 `projection_matrix(layout, ...)` builds the explicit (D, k) matrix (small sizes only, for checks).
 """
 from __future__ import annotations

@@ -56,7 +56,7 @@ def run(models: list[str], data_spec: str = "digits", ckpts: dict | None = None,
     plainly and with the gradient-alignment loss, and the tables put the two side by side (the
     aligned run is named e.g. "resnet18+align").
     """
-    from . import data
+    from . import checkpoint, data
 
     ckpts = dict(ckpts or {})
     unknown = sorted(set(ckpts) - set(models))
@@ -77,6 +77,8 @@ def run(models: list[str], data_spec: str = "digits", ckpts: dict | None = None,
               "epochs": {m: epochs[m] for m in models if m not in ckpts},
               "training": {m: DEFAULT_SETTINGS[m] for m in models if m not in ckpts},
               "checkpoints": {m: os.path.abspath(p) for m, p in ckpts.items()}}
+    for name, path in ckpts.items():  # every given checkpoint readable before anything is written
+        checkpoint.load_meta(path)
     _check_heldout(base_spec, limit, seed)
     _prepare_out_dir(out_dir, config, force)
     started = time.perf_counter()
@@ -115,6 +117,12 @@ def _check_heldout(base_spec: str, limit: int | None, seed: int) -> None:
                         f"{'' if limit is None else f' (first {limit})'}: raise --limit or add images of it")
 
 
+def _holds_work(out_dir: str) -> bool:
+    """Whether out_dir holds more than a configuration (a run that failed before its first model wrote nothing)."""
+    runs = os.path.join(out_dir, "runs")
+    return os.path.exists(os.path.join(out_dir, "results.json")) or (os.path.isdir(runs) and bool(os.listdir(runs)))
+
+
 def _prepare_out_dir(out_dir: str, config: dict, force: bool) -> None:
     path = os.path.join(out_dir, "config.json")
     ours = files.is_ours(out_dir, "config.json")
@@ -123,7 +131,7 @@ def _prepare_out_dir(out_dir: str, config: dict, force: bool) -> None:
     if ours:
         old = files.read_json(path)
         if old != json.loads(json.dumps(config)):
-            if not force:
+            if not force and _holds_work(out_dir):
                 diff = sorted(k for k in set(old) | set(config) if old.get(k) != json.loads(json.dumps(config)).get(k))
                 raise UserError(f"{out_dir} holds results of another configuration ({', '.join(diff)} differ): "
                                 f"pass another --out, or --force to replace them")
@@ -180,7 +188,8 @@ def _run_model(name, arch, base_spec, ckpt_dir, epochs, out_dir, limit, seed, gr
               "gradcam_dir": os.path.abspath(cams_dir), "checkpoint_test_accuracy": ckpt.meta.get("test_accuracy"),
               "accuracy": accuracy_heldout, "n": int(len(rep.labels)), "table1": table1["row"],
               "cosine": table1["summaries"], "gw_kind": table1["gw_kind"], "gradcam": cams["summary"],
-              "clustering": clusters, "misclassified": report, "timings": timings}
+              "clustering": clusters, "predictions": analysis.prediction_scores(rep),
+              "misclassified": report, "timings": timings}
     return result, {"ds": ds, "cams": cams, "meta": ckpt.meta}
 
 
@@ -194,7 +203,7 @@ def _cached_cams(cams_dir, ckpt_dir, step, limit):
         return None
     summary = cams["summary"]
     same = (summary.get("checkpoint") == os.path.abspath(ckpt_dir) and summary.get("checkpoint_step") == step
-            and summary.get("limit") == limit)
+            and summary.get("limit") == limit and bool(summary["consistency"].get("different")))
     return cams if same else None
 
 

@@ -131,8 +131,10 @@ def fit(config: TrainConfig, out_dir: str, progress: bool = True, log=print, hel
     if config.images_per_epoch is not None and config.images_per_epoch < config.batch_size:
         raise UserError(f"--images-per-epoch must be at least the batch size ({config.batch_size}), "
                         f"got {config.images_per_epoch}")
-    if config.grad_align < 0 or config.grad_mi < 0:
-        raise UserError("--grad-align and --grad-mi must be >= 0")
+    for flag, value, low in (("--learning-rate", config.learning_rate, 0.0), ("--weight-decay", config.weight_decay,
+                              None), ("--grad-align", config.grad_align, None), ("--grad-mi", config.grad_mi, None)):
+        if not math.isfinite(value) or value < 0 or (low is not None and value <= low):
+            raise UserError(f"{flag} must be a finite number {'> 0' if low is not None else '>= 0'}, got {value}")
     kind, arg, _ = data.parse_spec(config.data)
     normalization = data.default_normalization(config.data)
     train_set = data.load(config.data, image_size=config.image_size, normalization=normalization,
@@ -141,6 +143,10 @@ def fit(config: TrainConfig, out_dir: str, progress: bool = True, log=print, hel
                          normalization=normalization, default_split="test", seed=config.seed)
     train_set, edits_record = labels.apply(train_set, label_edits)
     keep, wanted = _keep_policy(keep_epochs, edits_record is not None)
+    _check_training_data(train_set, config.batch_size)
+    if kind == "folder":  # every image file decodable before the first compile
+        for ds in (train_set, test_set):
+            ds.validate(progress)
     model = precisions.with_precision(models.create(config.model, train_set.num_classes, config.stem),
                                       config.precision)
     steps_per_epoch = max(1, min(len(train_set), config.images_per_epoch or len(train_set)) // config.batch_size)
@@ -181,8 +187,10 @@ def fit(config: TrainConfig, out_dir: str, progress: bool = True, log=print, hel
                                                                  jnp.asarray(batch.labels), step_rng)
             loss = float(metrics["loss"])
             if not math.isfinite(loss):
-                raise UserError(f"training loss became {loss} at epoch {epoch + 1}, step {i + 1}; the last good "
-                                f"checkpoint in {out_dir} is kept: lower --learning-rate or the loss weights")
+                kept = (f"the last good checkpoint in {out_dir} (epoch {epoch}) is kept" if epoch > 0
+                        else "no checkpoint was written")
+                raise UserError(f"training loss became {loss} at epoch {epoch + 1}, step {i + 1}; {kept}: lower "
+                                f"--learning-rate (or --grad-align / --grad-mi)")
             losses.append(loss)
             accs.append(float(metrics["accuracy"]))
             for key in ("l_grad", "l_mi", "n_pairs"):
@@ -225,6 +233,17 @@ def _keep_policy(keep_epochs, edited: bool):
     return None, wanted
 
 
+def _check_training_data(train_set, batch_size: int) -> None:
+    """Refuses training data without one full batch or with fewer than two classes (nothing to learn)."""
+    if len(train_set) < batch_size:
+        raise UserError(f"{train_set.spec} has {len(train_set)} training images, fewer than one batch of "
+                        f"--batch-size {batch_size}: lower --batch-size or add images")
+    present = np.unique(np.asarray(train_set.labels))
+    if len(present) < 2:
+        raise UserError(f"{train_set.spec} holds images of {len(present)} class(es): training a classifier "
+                        f"needs at least two; add class folders")
+
+
 def _images_per_class(config: TrainConfig, num_classes: int) -> int:
     """Returns images per class of a balanced batch: at least config.per_class, with as many classes
     (at most num_classes) as divide the batch."""
@@ -240,8 +259,12 @@ def _initial_state(config, model, tx, meta, out_dir, image_size):
     if checkpoint.latest_step(out_dir) is not None:
         old = checkpoint.load_meta(out_dir)
         for key in ("model", "num_classes", "stem", "image_size", "data", "train_config", "label_edits"):
-            if old.get(key) != meta.get(key):
-                raise UserError(f"{out_dir} holds a run with {key}={old.get(key)!r}, not {meta.get(key)!r}: "
+            have, want = old.get(key), meta.get(key)
+            if key == "train_config" and isinstance(have, dict) and have != want:
+                key = next(k for k in list(want) + list(have) if have.get(k) != want.get(k))
+                have, want = have.get(key), want.get(key)
+            if have != want:
+                raise UserError(f"{out_dir} holds a run with {key}={have!r}, not {want!r}: "
                                 f"pass another --out or delete it")
         abstract = jax.eval_shape(tx.init, models.variable_shapes(model, image_size)["params"])
         ckpt = checkpoint.load(out_dir, opt_state_target=abstract)

@@ -29,9 +29,27 @@ def test_consistency_matches_direct_metric_calls():
     out = agreement.consistency(cams, labels, max_pairs=None, metrics=("cc", "sim", "kld"))
     pairs = [(0, 1), (2, 3), (2, 4), (3, 4)]
     assert out["pairs"] == 4
+    others = [(a, b) for a, b in itertools.combinations(range(6), 2) if labels[a] != labels[b]]
+    assert out["different"]["pairs"] == len(others) == 11 and not out["different"]["sampled"]
     for name in ("cc", "sim", "kld"):
-        want = np.mean([saliency.METRICS[name](cams[a], cams[b]) for a, b in pairs])
-        assert out["metrics"][name]["mean"] == pytest.approx(want, rel=1e-12)
+        same = [saliency.METRICS[name](cams[a], cams[b]) for a, b in pairs]
+        diff = [saliency.METRICS[name](cams[a], cams[b]) for a, b in others]
+        assert out["metrics"][name]["mean"] == pytest.approx(np.mean(same), rel=1e-12)
+        assert out["metrics"][name]["median"] == pytest.approx(np.median(same), rel=1e-12)
+        assert out["different"]["metrics"][name]["mean"] == pytest.approx(np.mean(diff), rel=1e-12)
+        assert out["gap"][name] == pytest.approx(np.mean(same) - np.mean(diff), rel=1e-9)
+
+
+def test_different_class_pairs_and_the_baseline_of_image_blind_maps():
+    labels = np.repeat(np.arange(3), 20)
+    i, j, sampled = agreement.different_class_pairs(labels, max_pairs=50, seed=3)
+    assert sampled and len(i) == 50 and np.all(labels[i] != labels[j]) and np.all(i < j)
+    i, j, sampled = agreement.different_class_pairs(labels[:25], max_pairs=None)
+    assert not sampled and len(i) == 20 * 5
+    # maps that ignore the image agree perfectly within classes and across them: gap 0
+    base = np.random.default_rng(2).random((8, 8))
+    out = agreement.consistency(np.stack([base] * 6), np.array([0, 0, 1, 1, 2, 2]), metrics=("cc",))
+    assert out["metrics"]["cc"]["mean"] == pytest.approx(1.0) and out["gap"]["cc"] == pytest.approx(0.0)
 
 
 def test_identical_maps_are_perfectly_consistent_and_zero_maps_are_counted():

@@ -96,7 +96,7 @@ def test_train_info_extract_gradcam_similarity(capsys, tiny_ckpt, tiny_folder, t
     code, out, err = run_cli(["similarity", store, "--cams", cams, "--out", str(tmp_path / "t1")], capsys)
     assert code == 0, err
     assert "Cos_Sim_GW" in out and "Grad_Cam_SSIM" in out and "resnet18" in out
-    rows = json.load(open(tmp_path / "t1.json"))["rows"]
+    rows = json.load(open(tmp_path / "t1" / "table1.json"))["rows"]
     # Cos_Sim_P against a direct brute-force computation from the store.
     p = np.load(os.path.join(store, "p.npy")).astype(np.float64)
     labels = np.load(os.path.join(store, "labels.npy"))
@@ -145,7 +145,7 @@ def test_similarity_honours_the_predicted_label_source(capsys, tiny_ckpt, tiny_f
     assert manifest["gw"] == "factors" and manifest["run"]["label_source"] == "predicted"
     code, _, err = run_cli(["similarity", store, "--out", str(tmp_path / "t1")], capsys)
     assert code == 0, err
-    row = json.load(open(tmp_path / "t1.json"))["rows"][0]
+    row = json.load(open(tmp_path / "t1" / "table1.json"))["rows"][0]
     labels, preds = (np.load(os.path.join(store, f"{a}.npy")) for a in ("labels", "preds"))
     intra, inter = cos_sim_gw_closed_form(store, preds)
     assert row["Cos_Sim_GW"] == pytest.approx(intra, rel=1e-6) and row["Inter_GW"] == pytest.approx(inter, rel=1e-6)
@@ -191,14 +191,19 @@ def test_images_per_epoch_limits_the_steps(capsys, tiny_folder, tmp_path):
 
 
 def test_curvature_reports_both_groups(capsys, tiny_ckpt, tiny_folder, tmp_path):
-    out = str(tmp_path / "curv.json")
+    out = str(tmp_path / "curv")
     code, text, err = run_cli(["curvature", "--ckpt", tiny_ckpt, "--data", f"folder:{tiny_folder}:all",
-                               "--limit", "12", "--iterations", "5", "--probes", "4", "--json", out], capsys)
+                               "--limit", "12", "--iterations", "5", "--probes", "4", "--out", out], capsys)
     assert code == 0, err
-    report = json.load(open(out))
+    report = json.load(open(os.path.join(out, "curvature.json")))
     groups = report["groups"]
     assert groups["correct"]["count"] + groups["misclassified"]["count"] == 12
     assert "correct" in text and "misclassified" in text
+    smaller = min(groups["correct"]["count"], groups["misclassified"]["count"])
+    eq = report["equal_size"]  # five equal-size draws by default
+    assert (eq is None) == (smaller == 0)
+    assert eq is None or (eq["size"] == smaller and len(eq["correct"]["top_eigenvalues"]) == 5
+                          and f"{smaller}-image subsamples" in text and "compare the groups at equal size" in text)
     code, _, err = run_cli(["curvature", "--ckpt", tiny_ckpt, "--data", f"folder:{tiny_folder}:all", "--limit",
                             "0"], capsys)
     assert_one_line_error(code, err, "--limit")

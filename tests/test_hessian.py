@@ -226,6 +226,36 @@ def test_curvature_report_groups_against_explicit():
         np.testing.assert_allclose(g["loss"], float(f(x)), rtol=1e-10)
 
 
+def test_curvature_equal_size_draws_against_explicit():
+    """The equal-size comparison: each draw's subsample of the larger group, rebuilt here from the
+    documented seeds, against the explicit Hessian of that subsample's mean loss."""
+    model, variables, images, labels = tiny_setup(n=7, seed=3)
+    pred = np.asarray(jnp.argmax(models.apply(model, variables, images)[0], -1))
+    labels = pred.copy()
+    labels[5:] = (pred[5:] + 1) % C            # five correct, two misclassified
+    rep = hessian.curvature_report(model, variables, images, labels, params="fc", n_iter=50, n_samples=2,
+                                   tol=1e-10, draws=3, batch_size=2)
+    json.dumps(rep)
+    eq = rep["equal_size"]
+    assert eq["size"] == 2 and eq["draws"] == 3
+    f_all, x = hessian.params_loss(model, variables, images, labels, "fc")
+    groups = {"correct": np.arange(5), "misclassified": np.arange(5, 7)}
+    want = {"correct": [], "misclassified": []}
+    for d in range(3):
+        rng = np.random.default_rng([0, 1000 + d])
+        for name, idx in groups.items():
+            w = np.zeros(7)
+            w[rng.choice(idx, size=2, replace=False)] = 0.5
+            H, _, _ = explicit_hessian(Partial(f_all.func, *f_all.args[:-1], jnp.asarray(w)), x)
+            want[name].append(np.linalg.eigvalsh(H)[-1])
+    for name in groups:
+        np.testing.assert_allclose(eq[name]["top_eigenvalues"], want[name], rtol=1e-6)
+        assert eq[name]["mean"] == pytest.approx(np.mean(want[name]), rel=1e-6)
+        assert eq[name]["std"] == pytest.approx(np.std(want[name]), rel=1e-5, abs=1e-12)
+    assert eq["misclassified"]["std"] == pytest.approx(0.0, abs=1e-9)  # the smaller group, whole every time
+    assert len(set(np.round(want["correct"], 8))) > 1                   # the draws differ
+
+
 def test_curvature_report_empty_group_and_validation():
     model, variables, images, _ = tiny_setup(n=4, dtype=np.float32)   # float32 model under x64 too
     pred = np.asarray(jnp.argmax(models.apply(model, variables, images)[0], -1))

@@ -27,8 +27,9 @@ def test_quick_writes_every_output(quick_results):
                  "figures/resnet18_gradcam.png"):
         assert os.path.getsize(os.path.join(quick_results, name)) > 0, name
     text = open(os.path.join(quick_results, "tables.md")).read()
-    for heading in ("Table 1", "Table 2: clustering using KMeans", "Table 3: clustering using GMM",
-                    "Learning from misclassifications", "predicted-label"):
+    for heading in ("Table 1", "Grad-CAM agreement with its baselines", "Table 2: clustering using KMeans",
+                    "Table 3: clustering using GMM", "Learning from misclassifications", "predicted-label",
+                    "Predictions themselves (argmax P)", "What holds by construction"):
         assert heading in text
 
 
@@ -45,6 +46,26 @@ def test_scores_recompute_from_saved_cluster_labels(quick_results):
             assert scores["nmi"] == pytest.approx(normalized_mutual_info_score(labels, pred), abs=1e-12)
     preds = np.load(os.path.join(res["store"], "preds.npy"))
     assert res["accuracy"] == pytest.approx(np.mean(preds == labels))
+    assert res["predictions"]["ari"] == pytest.approx(adjusted_rand_score(labels, preds), abs=1e-12)
+    assert res["predictions"]["nmi"] == pytest.approx(normalized_mutual_info_score(labels, preds), abs=1e-12)
+    # Cos_Sim pooling: per-class means where the classes are imbalanced (largest / smallest > 1.5)
+    counts = np.bincount(labels)
+    counts = counts[counts > 1]
+    imbalanced = counts.max() > 1.5 * counts.min()
+    assert res["table1"]["Intra_pooling"] == ("per-class mean" if imbalanced else "pooled pairs")
+    P = np.load(os.path.join(res["store"], "p.npy")).astype(np.float64)
+    U = P / np.linalg.norm(P, axis=1, keepdims=True)
+    cos = U @ U.T
+    per_class = [cos[np.ix_(labels == c, labels == c)][~np.eye(n, dtype=bool)].mean()
+                 for c, n in zip(*np.unique(labels, return_counts=True)) if n > 1]
+    pooled = np.mean([cos[i, j] for i in range(len(labels)) for j in range(len(labels))
+                      if i != j and labels[i] == labels[j]])
+    assert res["table1"]["Cos_Sim_P"] == pytest.approx(np.mean(per_class) if imbalanced else pooled, rel=1e-6)
+    # the Grad-CAM baseline: different-class pairs, and the gap of the means
+    cons = res["gradcam"]["consistency"]
+    assert cons["different"]["pairs"] > 0
+    for metric, stats in cons["metrics"].items():
+        assert cons["gap"][metric] == pytest.approx(stats["mean"] - cons["different"]["metrics"][metric]["mean"])
 
 
 def test_second_run_reuses_cache_and_gives_identical_tables(quick_results, capsys):

@@ -1,3 +1,4 @@
+import decimal
 import itertools
 
 import numpy as np
@@ -111,27 +112,90 @@ def softmax(logits):
 def make_fc_data(rng, n=30, d=4, c=3):
     features = np.maximum(rng.normal(size=(n, d)), 0)  # post-ReLU pooled features
     features[-1] = 0  # g = (0, delta) is still a valid direction
-    probs = softmax(rng.normal(size=(n, c)) * 2)
+    logits = rng.normal(size=(n, c)) * 2
     labels = rng.integers(0, c, size=n)
     labels[0], labels[1:] = c - 1, np.where(labels[1:] == c - 1, 0, labels[1:])  # class c-1 has one member
-    return features, probs, labels
+    return features, logits, labels
 
 
-def explicit_gradients(features, probs, labels):
+def explicit_gradients(features, logits, labels):
     rows = []
-    for h, p, y in zip(features, probs, labels, strict=True):
+    for h, p, y in zip(features, softmax(logits), labels, strict=True):
         delta = p - np.eye(len(p))[y]
         rows.append(np.concatenate([np.outer(h, delta).ravel(), delta]))
     return np.array(rows)
 
 
 def test_fc_gradient_deltas():
-    probs = softmax(np.random.default_rng(2).normal(size=(5, 4)))
+    logits = np.random.default_rng(2).normal(size=(5, 4))
+    probs = softmax(logits)
     labels = np.array([0, 3, 1, 1, 2])
     expected = probs.copy()
     for i, y in enumerate(labels):
         expected[i, y] = probs[i, y] - 1
-    np.testing.assert_allclose(fc_gradient_deltas(probs, labels), expected, rtol=0, atol=1e-15)
+    np.testing.assert_allclose(fc_gradient_deltas(logits, labels), expected, rtol=0, atol=1e-15)
+    others = 1 - probs[np.arange(5), labels]  # sum of the other probabilities (small margins: no cancellation)
+    np.testing.assert_allclose(fc_gradient_deltas(logits, labels, direction=True), expected / others[:, None],
+                               rtol=1e-12)
+
+
+def exact_delta(z, y, digits=60):
+    """Reference delta = softmax(z) - onehot(y) of one row in `digits`-digit decimal arithmetic."""
+    decimal.getcontext().prec = digits
+    e = [decimal.Decimal(float(v)).exp() for v in z]
+    total = sum(e)
+    p = [v / total for v in e]
+    return [float(v - (1 if c == y else 0)) for c, v in enumerate(p)]
+
+
+@pytest.mark.parametrize("margin", [0, 10, 20, 40, 80, 200, 1000])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fc_gradient_direction_exact_at_any_margin(margin, dtype):
+    # Row 0: the label's logit leads the others by `margin`; rows 1-2: random others around it.
+    rng = np.random.default_rng(margin)
+    z = rng.normal(size=(3, 6)).astype(dtype)
+    labels = np.array([2, 0, 5])
+    z[np.arange(3), labels] = z.max(axis=1) + dtype(margin)
+    reference = np.array([exact_delta(row, y) for row, y in zip(z, labels)])  # float64, 0 where it underflows
+    direction = fc_gradient_deltas(z, labels, direction=True)
+    # exact direction in decimal too: the other probabilities divided by their sum, -1 at y
+    decimal.getcontext().prec = 60
+    for row, y, got in zip(z, labels, direction):
+        e = [decimal.Decimal(float(v)).exp() for c, v in enumerate(row) if c != y]
+        want = [float(v / sum(e)) for v in e]
+        np.testing.assert_allclose(np.delete(got, y), want, rtol=1e-12)
+        assert got[y] == -1.0
+    if margin <= 80:
+        delta = fc_gradient_deltas(z, labels)
+        cos = np.sum(delta * reference, axis=1) / np.linalg.norm(delta, axis=1) / np.linalg.norm(reference, axis=1)
+        assert np.all(cos >= 0.9999)
+        rows = np.arange(3)
+        np.testing.assert_allclose(delta[rows, labels], reference[rows, labels], rtol=1e-5)
+    # the cosine analyses never call such a gradient zero
+    summary = fc_gradient_cosine_summary(np.ones((3, 2)), direction, np.array([0, 0, 1]))
+    assert np.isfinite(summary.intra)
+
+
+def test_intra_class_mean_is_the_mean_of_per_class_brute_force_means():
+    rng = np.random.default_rng(11)
+    X = rng.normal(size=(40, 5))
+    labels = np.array([0] * 30 + [1] * 6 + [2] * 3 + [3])  # imbalanced, class 3 without a pair
+    summary = pairwise_cosine_summary(X, labels)
+    per_class = brute_force_summary(X, labels)[2]
+    assert summary.intra_class_mean == pytest.approx(np.mean([per_class[c] for c in (0, 1, 2)]), rel=1e-12)
+    assert summary.intra != pytest.approx(summary.intra_class_mean, rel=1e-3)  # pooling weighs class 0 most
+
+
+def test_same_prediction_gives_delta_cosine_at_least_one_half():
+    """GW_pred by construction: deltas built with the argmax label share their -onehot part."""
+    logits = np.random.default_rng(12).normal(size=(300, 6)) * 4
+    predicted = logits.argmax(axis=1)
+    delta = fc_gradient_deltas(logits, predicted)
+    unit = delta / np.linalg.norm(delta, axis=1, keepdims=True)
+    cos = unit @ unit.T
+    same = predicted[:, None] == predicted[None, :]
+    assert cos[same].min() >= 0.5 - 1e-12
+    assert cos[~same].max() < 0.5  # across predictions it can be lower, and here it is
 
 
 def test_fc_gradients_match_finite_differences_of_cross_entropy():
@@ -150,52 +214,53 @@ def test_fc_gradients_match_finite_differences_of_cross_entropy():
     numeric = np.array(
         [(loss(params + step * e) - loss(params - step * e)) / (2 * step) for e in np.eye(len(params))]
     )
-    probs = softmax((h @ W + b)[None])
-    np.testing.assert_allclose(fc_gradients(h[None], probs, [y])[0], numeric, atol=1e-8)
+    delta = fc_gradient_deltas((h @ W + b)[None], [y])
+    np.testing.assert_allclose(fc_gradients(h[None], delta)[0], numeric, atol=1e-8)
 
 
 def test_fc_gradients_and_gram_match_explicit():
-    features, probs, labels = make_fc_data(np.random.default_rng(4))
-    G = explicit_gradients(features, probs, labels)
-    np.testing.assert_allclose(fc_gradients(features, probs, labels), G, rtol=1e-12, atol=1e-14)
-    np.testing.assert_allclose(fc_gradient_gram(features, probs, labels), G @ G.T, rtol=1e-12, atol=1e-14)
+    features, logits, labels = make_fc_data(np.random.default_rng(4))
+    G = explicit_gradients(features, logits, labels)
+    delta = fc_gradient_deltas(logits, labels)
+    np.testing.assert_allclose(fc_gradients(features, delta), G, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(fc_gradient_gram(features, delta), G @ G.T, rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("chunk_rows", [8192, 4])
 def test_fc_gradient_cosine_summary_matches_explicit(monkeypatch, chunk_rows):
     monkeypatch.setattr(similarity, "_CHUNK_ROWS", chunk_rows)
-    features, probs, labels = make_fc_data(np.random.default_rng(5))
-    summary = fc_gradient_cosine_summary(features, probs, labels)
-    assert_matches_brute_force(summary, explicit_gradients(features, probs, labels), labels)
+    features, logits, labels = make_fc_data(np.random.default_rng(5))
+    summary = fc_gradient_cosine_summary(features, fc_gradient_deltas(logits, labels, direction=True), labels)
+    assert_matches_brute_force(summary, explicit_gradients(features, logits, labels), labels)
     assert summary.classes_without_pairs == [2]
 
 
 def test_fc_gradient_cosine_summary_with_predicted_gradient_labels():
-    features, probs, labels = make_fc_data(np.random.default_rng(6))
-    predicted = probs.argmax(axis=1)
-    summary = fc_gradient_cosine_summary(features.astype(np.float32), probs.astype(np.float32), labels, predicted)
+    features, logits, labels = make_fc_data(np.random.default_rng(6))
+    predicted = logits.argmax(axis=1)
+    features, logits = features.astype(np.float32), logits.astype(np.float32)
+    summary = fc_gradient_cosine_summary(features, fc_gradient_deltas(logits, predicted, direction=True), labels)
     # Gradients built from the predicted labels, grouped by the true labels.
-    G = explicit_gradients(features.astype(np.float32), probs.astype(np.float32), predicted)
+    G = explicit_gradients(features, logits, predicted)
     assert_matches_brute_force(summary, G, labels, rtol=1e-5, atol=1e-6)
 
 
 def test_fc_errors():
-    features, probs, labels = make_fc_data(np.random.default_rng(7), n=6)
-    logits = np.log(probs) + 3
-    with pytest.raises(ValueError, match="not logits"):
-        fc_gradient_deltas(logits, labels)
+    features, logits, labels = make_fc_data(np.random.default_rng(7), n=6)
     with pytest.raises(ValueError, match=r"must lie in \[0, 3\)"):
-        fc_gradient_deltas(probs, np.array([0, 1, 3, 0, 1, 2]))
-    with pytest.raises(ValueError, match="features has 5 rows but probs has 6"):
-        fc_gradient_cosine_summary(features[:5], probs, labels)
+        fc_gradient_deltas(logits, np.array([0, 1, 3, 0, 1, 2]))
+    with pytest.raises(ValueError, match="logits contains NaN"):
+        fc_gradient_deltas(np.full((2, 3), np.nan), np.array([0, 1]))
+    delta = fc_gradient_deltas(logits, labels)
+    with pytest.raises(ValueError, match="features has 5 rows but deltas has 6"):
+        fc_gradient_cosine_summary(features[:5], delta, labels)
     bad = features.copy()
     bad[1, 1] = np.nan
     with pytest.raises(ValueError, match="NaN or Inf"):
-        fc_gradient_cosine_summary(bad, probs, labels)
-    one_hot = probs.copy()
-    one_hot[3] = np.eye(3)[labels[3]]
-    with pytest.raises(ValueError, match="1 examples have a zero gradient"):
-        fc_gradient_cosine_summary(features, one_hot, labels)
+        fc_gradient_cosine_summary(bad, delta, labels)
+    delta[3] = 0  # a delta that underflowed
+    with pytest.raises(ValueError, match="1 rows of deltas are zero; build them with .*direction=True"):
+        fc_gradient_cosine_summary(features, delta, labels)
 
 
 def test_benchmark_similarity_small():

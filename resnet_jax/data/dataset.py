@@ -99,10 +99,10 @@ class Dataset:
             raise UserError(f"index out of range for {self.spec} (size {len(self)})")
         return self._batch(idx)
 
-    def validate(self) -> int:
+    def validate(self, progress: bool = False) -> int:
         """Decodes every example (images and masks); raises UserError naming bad files. Returns N."""
         if hasattr(self._source, "validate"):
-            return self._source.validate()
+            return self._source.validate(progress)
         for _ in self.batches(256):
             pass
         return len(self)

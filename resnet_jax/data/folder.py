@@ -102,8 +102,7 @@ class FolderSource:
                 size = img.size
                 image = rgb_array(img, self.image_size)
         except Exception as e:  # PIL raises many types for bad files
-            raise UserError(f"cannot read image {path} ({one_line(e)}): fix or delete the file "
-                            f"(Dataset.validate() lists every bad file)") from None
+            raise UserError(f"cannot read image {path} ({one_line(e)}): fix or delete the file") from None
         mask = None
         if mask_path is not None:
             try:
@@ -132,7 +131,9 @@ class FolderSource:
                 (0, self.image_size, self.image_size), np.float32)
         return images, self.labels[idx], masks
 
-    def validate(self) -> int:
+    def validate(self, progress: bool = False) -> int:
+        from tqdm.auto import tqdm
+
         bad = []
 
         def check(i):
@@ -142,7 +143,8 @@ class FolderSource:
                 return str(e)
             return None
 
-        for msg in executor().map(check, range(self.n)):
+        for msg in tqdm(executor().map(check, range(self.n)), total=self.n, unit="img", disable=not progress,
+                        desc=f"checking {self.split} images", leave=False):
             if msg is not None:
                 bad.append(msg)
         if bad:

@@ -19,6 +19,11 @@ def fit(img: Image.Image, size: int, resample) -> Image.Image:
 
 
 def rgb_array(img: Image.Image, size: int) -> np.ndarray:
+    """Returns (size, size, 3) float32 in [0, 1]; 16-bit greyscale is scaled by 65535 (PIL's RGB conversion
+    would clip it at 255)."""
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        grey = fit(Image.fromarray(np.asarray(img, dtype=np.float32) / np.float32(65535.0)), size, Image.BILINEAR)
+        return np.repeat(np.clip(np.asarray(grey, np.float32), 0, 1)[..., None], 3, axis=-1)
     if img.mode != "RGB":
         img = img.convert("RGB")
     return np.asarray(fit(img, size, Image.BILINEAR), dtype=np.float32) / np.float32(255.0)

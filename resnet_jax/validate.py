@@ -1,0 +1,87 @@
+"""Checks of options and numbers before any compute: click parameter types and plain functions.
+
+The click types reject out-of-range, NaN and overflowing values while the command line is parsed,
+so a bad option fails in milliseconds, before any data is read or anything compiled. Host side: no JAX.
+"""
+from __future__ import annotations
+
+import math
+
+import click
+import numpy as np
+
+from .errors import UserError
+
+SEED_MAX = 2**31 - 1          # numpy and jax.random both take it
+IMAGE_SIZE_MIN, IMAGE_SIZE_MAX = 8, 1024  # below 8 the stem leaves no map; above 1024 one image costs > 12 MB
+
+
+class Int(click.ParamType):
+    """An integer in [lo, hi] (hi None: unbounded); the message names the range."""
+
+    name = "integer"
+
+    def __init__(self, lo: int | None = None, hi: int | None = None):
+        self.lo, self.hi = lo, hi
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) and not isinstance(value, bool):
+            number = value
+        else:
+            try:
+                number = int(str(value).strip(), 10)
+            except ValueError:
+                self.fail(f"{value!r} is not an integer", param, ctx)
+        if (self.lo is not None and number < self.lo) or (self.hi is not None and number > self.hi):
+            self.fail(f"{value} is out of range: {self._range()}", param, ctx)
+        return number
+
+    def _range(self) -> str:
+        if self.hi is None:
+            return f"pass an integer >= {self.lo}"
+        return f"pass an integer from {self.lo} to {self.hi}"
+
+
+class Float(click.ParamType):
+    """A finite float with lo < value (lo_open) or lo <= value, and value <= hi when hi is given."""
+
+    name = "number"
+
+    def __init__(self, lo: float | None = None, hi: float | None = None, lo_open: bool = False):
+        self.lo, self.hi, self.lo_open = lo, hi, lo_open
+
+    def convert(self, value, param, ctx):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value} is not a finite number", param, ctx)
+        low = self.lo is not None and (number <= self.lo if self.lo_open else number < self.lo)
+        if low or (self.hi is not None and number > self.hi):
+            bound = [f"> {self.lo}" if self.lo_open else f">= {self.lo}"] if self.lo is not None else []
+            bound += [f"<= {self.hi}"] if self.hi is not None else []
+            self.fail(f"{value} is out of range: pass a number {' and '.join(bound)}", param, ctx)
+        return number
+
+
+POSITIVE = Int(1)
+NON_NEGATIVE = Int(0)
+SEED = Int(0, SEED_MAX)
+IMAGE_SIZE = Int(IMAGE_SIZE_MIN, IMAGE_SIZE_MAX)
+POSITIVE_FLOAT = Float(0.0, lo_open=True)
+NON_NEGATIVE_FLOAT = Float(0.0)
+
+
+def finite_weights(tree, source: str) -> None:
+    """Raises UserError naming the first array of `tree` (a nested dict of arrays) with NaN or inf."""
+    def walk(node, path):
+        if isinstance(node, dict):
+            for key in sorted(node):
+                walk(node[key], f"{path}/{key}" if path else str(key))
+            return
+        a = np.asarray(node)
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise UserError(f"{source}: weight {path} holds {int((~np.isfinite(a)).sum())} NaN or infinite "
+                            f"value(s): pass weights from a finished, healthy training run")
+    walk(tree, "")
