@@ -5,7 +5,6 @@ one line `error: ...` and exits with code 2. Set RESNET_JAX_DEBUG=1 for the full
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import sys
@@ -13,7 +12,7 @@ import sys
 import click
 
 from . import files
-from .errors import UserError
+from .errors import UserError, failure_line
 from .validate import IMAGE_SIZE, NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, POSITIVE_FLOAT, SEED, Int
 
 MIN_FREE_BYTES = 64 << 20  # refuse an --out whose disk has less free: every output needs more
@@ -377,8 +376,8 @@ def curvature(ckpt_dir, data_spec, limit, param_subset, iterations, probes, seed
 @click.option("--out", "out_dir", default="audit", show_default=True, help="Output directory (replaced when complete).")
 @click.option("--project-params", default="all", show_default=True, help="Parameters of tracin-proj.")
 @click.option("--project-dim", default=1024, show_default=True, help="Projection dimension of tracin-proj.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the projection.")
-@click.option("--batch-size", default=64, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the projection.")
+@click.option("--batch-size", type=POSITIVE, default=64, show_default=True, help="Images per step.")
 @click.option("--top", default=24, show_default=True, help="Suspects shown in suspects.png.")
 @click.option("--steps", default="all", show_default=True,
               help="Checkpoints of the trajectory: all, or steps such as 4,5,6 (the last one gives loss and margin).")
@@ -504,13 +503,14 @@ def bench_train_cmd(model, size, batch, grad_align, grad_mi, steps, hvp_params, 
 
 
 @bench.command("audit")
-@click.option("--model", default="resnet18", show_default=True, callback=_model_name)
+@click.option("--model", default="resnet18", show_default=True, callback=_model_name, help="Architecture trained.")
 @click.option("--data", "data_spec", default="digits", show_default=True, help="Data spec (its training split).")
 @click.option("--epochs", default=6, show_default=True, help="Epochs of every training run (the train default).")
-@click.option("--batch-size", default=64, show_default=True)
+@click.option("--batch-size", type=POSITIVE, default=64, show_default=True, help="Images per training step.")
 @click.option("--label-noise", default=0.1, show_default=True, help="Fraction of training labels flipped.")
-@click.option("--noise-seed", default=0, show_default=True)
-@click.option("--noise-kind", type=click.Choice(["symmetric", "pairs"]), default="symmetric", show_default=True)
+@click.option("--noise-seed", type=SEED, default=0, show_default=True, help="Seed of the flipped images and labels.")
+@click.option("--noise-kind", type=click.Choice(["symmetric", "pairs"]), default="symmetric", show_default=True,
+              help="symmetric: to a uniformly chosen other class; pairs: class c to c+1.")
 @click.option("--folds", default=5, show_default=True, help="K of cleanlab's K-fold out-of-sample probabilities.")
 @click.option("--method", "methods", default="margin,loss,aum,tracin,tracin-proj", show_default=True,
               help="Our methods; the first one ranks the images that --retrain cleans.")
@@ -520,7 +520,7 @@ def bench_train_cmd(model, size, batch, grad_align, grad_mi, steps, hvp_params, 
 @click.option("--fraction", default=0.1, show_default=True, help="Fraction of the images cleaned by --retrain.")
 @click.option("--action", type=click.Choice(["remove", "relabel"]), default="remove", show_default=True,
               help="remove the suspects, or relabel them (ours: suggested label; cleanlab: its argmax).")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of training and the folds.")
 @click.option("--out", "out_dir", default="bench-audit", show_default=True,
               help="Directory of the runs (each resumes) and bench-audit.json.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
@@ -550,41 +550,6 @@ def _write_json(path, obj) -> None:
     from .files import write_json
 
     write_json(path, obj)
-
-
-_OS_FIXES = {
-    errno.ENOSPC: "the disk is full: free space or pass another --out",
-    errno.EDQUOT: "the disk quota is exhausted: free space or pass another --out",
-    errno.EROFS: "the file system is read-only: pass a writable --out",
-    errno.EACCES: "permission denied: pass a location you can read or write",
-    errno.EPERM: "permission denied: pass a location you can read or write",
-    errno.ENOENT: "it does not exist: check the path",
-    errno.ENOTDIR: "a part of the path is a file, not a directory: check the path",
-    errno.EISDIR: "it is a directory where a file was expected: check the path",
-    errno.ELOOP: "a symbolic link loop: remove or fix the link",
-    errno.EEXIST: "it exists already: pass another path",
-    errno.ENAMETOOLONG: "the path is too long: pass a shorter one",
-}
-
-
-def failure_line(e: BaseException) -> tuple[str, int]:
-    """Returns (one line for stderr, exit code) for an exception that reached the command line:
-    expected failures (bad input, file-system errors, memory) exit 2, anything else 1."""
-    if isinstance(e, click.ClickException):  # bad option or usage: click's message names the option
-        return "error: " + " ".join(e.format_message().split()), 2
-    if isinstance(e, OSError):
-        where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
-        fix = _OS_FIXES.get(e.errno, e.strerror or type(e).__name__)
-        return f"error: {where + ': ' if where else ''}{fix}" + (
-            "" if e.errno in _OS_FIXES or not where else " (check the path)"), 2
-    if isinstance(e, MemoryError):
-        return "error: out of memory: lower --batch-size, --image-size or --limit", 2
-    if isinstance(e, (UserError, ValueError)):
-        text = " ".join(str(e).split())
-        return f"error: {text or type(e).__name__}", 2
-    text = " ".join(str(e).split())
-    return (f"internal error: {type(e).__name__}{': ' + text[:300] if text else ''} "
-            f"(rerun with RESNET_JAX_DEBUG=1 for the traceback and report it)"), 1
 
 
 def _exit_now(code: int) -> None:
