@@ -102,8 +102,11 @@ def run(out_dir: str, *, model: str = "resnet18", data_spec: str = "digits", epo
         raise UserError(f"unknown action {action!r}: choose one of {', '.join(ACTIONS)}")
     _import_cleanlab()  # fail early without it
     os.makedirs(out_dir, exist_ok=True)
+    # Every arm trains the same fixed number of epochs on the whole training split as rendered: no
+    # validation slice, no redrawn images.
     config = train.TrainConfig(model=model, data=data_spec, epochs=epochs, batch_size=batch_size, seed=seed,
-                               augment_shift=4, image_size=image_size, stem=stem)
+                               augment_shift=4, image_size=image_size, stem=stem, validation_fraction=0.0,
+                               redraw=False)
     noisy_edits = label_edits.LabelEdits(noise_rate=noise, noise_seed=noise_seed, noise_kind=noise_kind)
     timings = {}
 

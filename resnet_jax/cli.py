@@ -13,7 +13,8 @@ import click
 
 from . import files
 from .errors import UserError, failure_line
-from .validate import IMAGE_SIZE, NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, POSITIVE_FLOAT, SEED, Int
+from .validate import (FRACTION, IMAGE_SIZE, NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, POSITIVE_FLOAT, SEED, Int,
+                       stopping_options)
 
 MIN_FREE_BYTES = 64 << 20  # refuse an --out whose disk has less free: every output needs more
 MODEL_CHOICES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
@@ -71,7 +72,14 @@ def models_cmd(num_classes):
               help="Architecture: resnet18, resnet34, resnet50, resnet101 or resnet152.")
 @click.option("--data", "data_spec", default="digits", show_default=True,
               help="Data spec: digits, folder:PATH or tfds:NAME, each with an optional :SPLIT (default: train).")
-@click.option("--epochs", type=POSITIVE, default=6, show_default=True, help="Passes over the training split.")
+@click.option("--max-epochs", "--epochs", "epochs", type=POSITIVE, default=30, show_default=True,
+              help="Cap on epochs (passes over the training slice); the learning rate decays over it.")
+@stopping_options()
+@click.option("--zero-init-residual", is_flag=True, help="Start each residual block's last BatchNorm scale at 0.")
+@click.option("--label-smoothing", type=FRACTION, default=0.0, show_default=True,
+              help="Smooth the training labels towards uniform by this much.")
+@click.option("--redraw/--no-redraw", default=None, help="Render the training images afresh each epoch (default: on "
+              "for digits: new position and noise, same glyph; other data cannot).")
 @click.option("--batch-size", type=POSITIVE, default=64, show_default=True, help="Images per training step.")
 @click.option("--images-per-epoch", type=POSITIVE, default=None,
               help="Train each epoch on this many images of its shuffle (default: the whole training split).")
@@ -100,10 +108,11 @@ def models_cmd(num_classes):
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
               help=PRECISION_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def train(model, data_spec, epochs, batch_size, images_per_epoch, learning_rate, weight_decay, stem, image_size,
-          augment_shift, grad_align, grad_mi, seed, label_noise, noise_seed, noise_kind, keep_epochs, out_dir,
-          precision, quiet):
-    """Train a ResNet, report held-out accuracy each epoch, checkpoint each epoch (resumable)."""
+def train(model, data_spec, epochs, stopping, zero_init_residual, label_smoothing, redraw, batch_size, images_per_epoch,
+          learning_rate, weight_decay, stem, image_size, augment_shift, grad_align, grad_mi, seed, label_noise,
+          noise_seed, noise_kind, keep_epochs, out_dir, precision, quiet):
+    """Train a ResNet until a validation slice of the training split reaches the target (or stops
+    improving, or a cap is hit); report held-out accuracy each epoch, checkpoint each epoch (resumable)."""
     from . import labels
 
     _check_out(out_dir)
@@ -115,12 +124,16 @@ def train(model, data_spec, epochs, batch_size, images_per_epoch, learning_rate,
                                   images_per_epoch=images_per_epoch, learning_rate=learning_rate,
                                   weight_decay=weight_decay, stem=stem, image_size=image_size, seed=seed,
                                   augment_shift=augment_shift,
-                                  grad_align=grad_align, grad_mi=grad_mi, precision=precision)
+                                  grad_align=grad_align, grad_mi=grad_mi, precision=precision,
+                                  zero_init_residual=zero_init_residual, label_smoothing=label_smoothing,
+                                  redraw=redraw, **stopping)
     with files.locked(out_dir):
         result = training.fit(config, out_dir, progress=not quiet, log=click.echo, label_edits=edits,
                               keep_epochs=keep_epochs)
-    click.echo(f"test accuracy {result['test_accuracy']:.4f} on {result['test_split']} after {len(result['history'])} "
-               f"epochs ({result['seconds']:.0f} s this run); checkpoint: {out_dir}")
+    stop, val = result["stop"], result["stop"]["validation_accuracy"]
+    click.echo(f"stopped ({stop['reason']}) at epoch {stop['epoch']}, validation accuracy "
+               f"{'-' if val is None else f'{val:.4f}'}; test accuracy {result['test_accuracy']:.4f} on "
+               f"{result['test_split']} ({result['seconds']:.0f} s this run); checkpoint: {out_dir}")
 
 
 @cli.command()
@@ -315,8 +328,10 @@ def similarity(stores, cams_dirs, out_dir):
               help="Also train each model with the gradient-alignment loss (this λ1) and compare side by side.")
 @click.option("--grad-mi", type=NON_NEGATIVE_FLOAT, default=0.0, show_default=True,
               help="λ2 (mutual information) of the aligned runs.")
+@stopping_options("target_accuracy", "time_budget")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def reproduce_cmd(models_text, data_spec, ckpts, out_dir, quick, limit, seed, force, grad_align, grad_mi, quiet):
+def reproduce_cmd(models_text, data_spec, ckpts, out_dir, quick, limit, seed, force, grad_align, grad_mi, stopping,
+                  quiet):
     """Train, extract, Grad-CAM, Tables 1-3, the misclassification report and figures, for each model."""
     _setup_jax()
     from . import reproduce
@@ -332,7 +347,7 @@ def reproduce_cmd(models_text, data_spec, ckpts, out_dir, quick, limit, seed, fo
     with files.locked(out_dir):
         results = reproduce.run(models, data_spec, given, out_dir, quick=quick, force=force, limit=limit,
                                 seed=seed, grad_align=grad_align, grad_mi=grad_mi, progress=not quiet,
-                                log=click.echo)
+                                log=click.echo, **stopping)
     click.echo(f"wrote {out_dir}/tables.md, results.json, *.csv and {len(results['figures'])} figures "
                f"in {results['timings']['total_seconds']:.0f} s")
 

@@ -160,11 +160,11 @@ class LabelView:
         ids = self._ds.ids
         return [ids[i] for i in self._indices]
 
-    def take(self, indices):
+    def take(self, indices, redraw: int | None = None):
         idx = np.asarray(indices, np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             raise UserError(f"index out of range for {self.spec} (size {len(self)})")
-        return self._ds.take(self._indices[idx])._replace(labels=self._labels[idx])
+        return self._ds.take(self._indices[idx], redraw=redraw)._replace(labels=self._labels[idx])
 
     def batches(self, batch_size: int, *, start: int = 0, shuffle: bool = False, seed: int = 0,
                 drop_remainder: bool = False):

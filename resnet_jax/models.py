@@ -121,11 +121,12 @@ class ResNet(nn.Module):
     num_classes: int = 1000
     stem: str = "standard"
     dtype: Any = jnp.float32
+    momentum: float = 0.9  # of the running BatchNorm statistics (0: the batch's own, see train.precise_batch_stats)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         conv = partial(make_conv, dtype=self.dtype)
-        norm = partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
+        norm = partial(nn.BatchNorm, use_running_average=not train, momentum=self.momentum, epsilon=1e-5,
                        dtype=self.dtype)
         x = jnp.asarray(x, self.dtype)
         if self.stem == "standard":

@@ -85,3 +85,42 @@ def finite_weights(tree, source: str) -> None:
             raise UserError(f"{source}: weight {path} holds {int((~np.isfinite(a)).sum())} NaN or infinite "
                             f"value(s): pass weights from a finished, healthy training run")
     walk(tree, "")
+
+
+FRACTION = Float(0.0, 0.9)
+ACCURACY = Float(0.0, 1.0, lo_open=True)
+_STOPPING = {
+    "target_accuracy": click.option(
+        "--target-accuracy", type=ACCURACY, default=None,
+        help="Stop when the validation slice of the training split reaches this accuracy "
+             "(default: 0.95 on digits; other data train to the epoch cap or a plateau)."),
+    "patience": click.option("--patience", type=POSITIVE, default=None,
+                             help="Stop after this many epochs without a new best validation accuracy "
+                                  "(default: 4; reproduce: per model)."),
+    "time_budget": click.option("--time-budget", type=POSITIVE_FLOAT, default=None,
+                                help="Cap in seconds per training run: stop before an epoch would end past it."),
+    "validation_fraction": click.option(
+        "--validation-fraction", type=FRACTION, default=0.1, show_default=True,
+        help="Stratified share of the training split held out of training to decide when to stop "
+             "(0: no slice, no target, train to the epoch cap)."),
+}
+
+
+def stopping_options(*names):
+    """Returns a decorator adding the stopping options `names` (all when empty) to a click command; the
+    command receives them as one dict `stopping` (options left at None are dropped)."""
+    import functools
+
+    names = names or tuple(_STOPPING)
+
+    def decorate(command):
+        @functools.wraps(command)
+        def wrapper(*args, **kwargs):
+            stopping = {name: kwargs.pop(name) for name in names}
+            return command(*args, stopping={k: v for k, v in stopping.items() if v is not None}, **kwargs)
+
+        for name in reversed(names):
+            wrapper = _STOPPING[name](wrapper)
+        return wrapper
+
+    return decorate

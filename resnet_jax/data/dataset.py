@@ -89,15 +89,23 @@ class Dataset:
         for idx in batch_indices(n, batch_size, start, shuffle, seed, drop_remainder):
             yield self._batch(idx)
 
-    def take(self, indices: Sequence[int]) -> Batch:
-        """The examples at `indices` (positions in the unshuffled order) as one batch."""
+    @property
+    def redrawable(self) -> bool:
+        """Whether `take(..., redraw=k)` renders other versions of the same examples (digits only)."""
+        return getattr(self._source, "redrawable", False)
+
+    def take(self, indices: Sequence[int], redraw: int | None = None) -> Batch:
+        """The examples at `indices` (positions in the unshuffled order) as one batch; `redraw` k (a
+        source that is `redrawable`) renders version k of each: the same glyph and label, drawn afresh."""
         if not self.random_access:
             raise UserError(f"{self.spec} is streamed from tfrecord files and has no random access: rebuild it "
                             f"with `tfds build {self.spec.split(':')[1]} --file_format=array_record`")
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             raise UserError(f"index out of range for {self.spec} (size {len(self)})")
-        return self._batch(idx)
+        if redraw is not None and not self.redrawable:
+            raise UserError(f"{self.spec} cannot redraw its images: only the embedded digits can")
+        return self._batch(idx, redraw)
 
     def validate(self, progress: bool = False) -> int:
         """Decodes every example (images and masks); raises UserError naming bad files. Returns N."""
@@ -107,8 +115,8 @@ class Dataset:
             pass
         return len(self)
 
-    def _batch(self, idx: np.ndarray) -> Batch:
-        images, labels, masks = self._source.read(idx)
+    def _batch(self, idx: np.ndarray, redraw: int | None = None) -> Batch:
+        images, labels, masks = self._source.read(idx) if redraw is None else self._source.read(idx, redraw)
         return Batch(normalize(images, self.normalization), labels, self._source.ids_at(idx), masks)
 
 

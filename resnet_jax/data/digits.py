@@ -34,6 +34,7 @@ def digits_glyph_size(image_size: int) -> int:
 class DigitsSource:
     has_masks = True
     random_access = True
+    redrawable = True
     class_names = tuple(str(i) for i in range(10))
 
     def __init__(self, split: str, image_size: int, seed: int):
@@ -52,14 +53,17 @@ class DigitsSource:
     def ids_at(self, idx):
         return [self.ids[i] for i in idx]
 
-    def read(self, idx):
+    def read(self, idx, redraw: int | None = None):
+        """Returns (images (B, C, C, 3), labels (B,), masks (B, C, C)) of the examples at `idx`; `redraw` k
+        renders each glyph afresh (another position and noise, drawn from its own seed and k)."""
         c, g = self.image_size, self.glyph
         f = g // 8
         images = np.empty((len(idx), c, c, 3), np.float32)
         masks = np.zeros((len(idx), c, c), np.float32)
+        variant = [] if redraw is None else [1, int(redraw)]
         for j, i in enumerate(idx):
             o = int(self.orig[i])
-            rng = np.random.default_rng([self.seed, self._split_code, o])
+            rng = np.random.default_rng([self.seed, self._split_code, o, *variant])
             y, x = rng.integers(0, c - g + 1, size=2)
             images[j] = rng.random((c, c, 3), dtype=np.float32) * np.float32(DIGITS_NOISE)
             glyph = np.repeat(np.repeat(self._glyphs[o], f, axis=0), f, axis=1)
