@@ -174,11 +174,13 @@ def _run_model(name, arch, base_spec, ckpt_dir, training, out_dir, limit, seed, 
         shift = 0 if data.parse_spec(base_spec)[0] == "digits" else 4
         config = train.TrainConfig(model=arch, data=base_spec, **training, **DEFAULT_SETTINGS[arch], seed=seed,
                                    augment_shift=shift)
-        # held_out=False: the held-out accuracy comes from the store, whose pass runs the same images.
-        fitted = train.fit(config, ckpt_dir, progress=progress, log=lambda s: log("  " + s), held_out=False)
-        stop = fitted["stop"]
+        stop = _finished_training(ckpt_dir, config)
+        if stop is None:
+            # held_out=False: the held-out accuracy comes from the store, whose pass runs the same images.
+            stop = train.fit(config, ckpt_dir, progress=progress, log=lambda s: log("  " + s), held_out=False)["stop"]
+        val = stop["validation_accuracy"]
         log(f"  training stopped ({stop['reason']}) at epoch {stop['epoch']}/{config.epochs}: validation accuracy "
-            f"{stop['validation_accuracy']}, target {stop['target_accuracy']}, {stop['seconds']:.0f} s")
+            f"{'-' if val is None else f'{val:.4f}'}, target {stop['target_accuracy']}, {stop['seconds']:.0f} s")
     ckpt = checkpoint.load(ckpt_dir)
     ds = data.load_for_checkpoint(base_spec, ckpt.meta, seed=seed)
     timings["train"] = round(time.perf_counter() - t, 1)
@@ -216,6 +218,20 @@ def _run_model(name, arch, base_spec, ckpt_dir, training, out_dir, limit, seed, 
               "clustering": clusters, "predictions": analysis.prediction_scores(rep),
               "misclassified": report, "timings": timings}
     return result, {"ds": ds, "cams": cams, "meta": ckpt.meta}
+
+
+def _finished_training(ckpt_dir: str, config) -> dict | None:
+    """Returns the stop record of a cached checkpoint that finished training with this configuration
+    (so a warm run restores nothing to train), else None: `train.fit` then resumes or refuses it."""
+    from . import checkpoint
+
+    if checkpoint.latest_step(ckpt_dir) is None:
+        return None
+    meta = checkpoint.load_meta(ckpt_dir)
+    stop, wanted = meta.get("stop"), {k: v for k, v in config.__dict__.items() if k not in ("extra", "precision")}
+    if stop is None or stop["reason"] == "time_budget" or meta.get("train_config") != wanted:
+        return None
+    return stop
 
 
 def _cached_cams(cams_dir, ckpt_dir, step, limit):

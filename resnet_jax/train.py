@@ -155,9 +155,9 @@ def make_eval_step(model: models.ResNet):
 
 
 def evaluate(model, variables, dataset, batch_size: int = 128, eval_step=None) -> float:
-    """Returns the accuracy of the model on every example of `dataset` (a Dataset or a list of Batches)."""
+    """Returns the accuracy of the model on every example of `dataset` (a Dataset or an iterable of Batches)."""
     eval_step = eval_step or make_eval_step(model)
-    batches = dataset if isinstance(dataset, list) else dataset.batches(batch_size)
+    batches = dataset.batches(batch_size) if hasattr(dataset, "batches") else dataset
     correct = total = 0
     for batch in batches:
         logits = eval_step(variables, batch.images)
@@ -230,7 +230,11 @@ def fit(config: TrainConfig, out_dir: str, progress: bool = True, log=print, hel
     if kind == "folder":  # every image file decodable before the first compile
         for ds in (train_set, test_set):
             ds.validate(progress)
-    val_batches = [train_set.take(val_idx[i:i + 128]) for i in range(0, len(val_idx), 128)]
+
+    def validation_batches():  # read each time, not held in memory
+        for i in range(0, len(val_idx), 128):
+            yield train_set.take(val_idx[i:i + 128])
+
     stats_idx = train_idx[np.random.default_rng(config.seed).permutation(len(train_idx))[:config.precise_bn_images]]
     stats_images = [train_set.take(stats_idx[i:i + config.batch_size]).images
                     for i in range(0, len(stats_idx) - config.batch_size + 1, config.batch_size)]
@@ -301,7 +305,7 @@ def fit(config: TrainConfig, out_dir: str, progress: bool = True, log=print, hel
         if stats_images:
             batch_stats = precise_batch_stats(model, {"params": params, "batch_stats": batch_stats}, stats_images)
         variables = {"params": params, "batch_stats": batch_stats}
-        val_acc = evaluate(model, variables, val_batches, eval_step=eval_step) if val_batches else None
+        val_acc = evaluate(model, variables, validation_batches(), eval_step=eval_step) if len(val_idx) else None
         test_acc = evaluate(model, variables, test_set, eval_step=eval_step) if held_out else None
         learning_rate = float(np.mean(schedule(np.arange((epoch - 1) * steps_per_epoch, epoch * steps_per_epoch))))
         record = {"epoch": epoch, "train_loss": float(np.mean(losses)), "train_accuracy": float(np.mean(accs)),

@@ -172,3 +172,15 @@ def test_precise_batch_stats_make_eval_mode_match_the_batch_it_measured():
     both = train.precise_batch_stats(model, variables, [a, b])
     for x, y, z in zip(*(jax.tree_util.tree_leaves(s) for s in (stats_a, stats_b, both))):
         np.testing.assert_allclose(np.asarray(z), (np.asarray(x) + np.asarray(y)) / 2, rtol=1e-5, atol=1e-6)
+
+
+def test_reproduce_caps_epochs_on_the_cpu_and_lets_the_target_decide_on_an_accelerator(monkeypatch):
+    import jax
+
+    from resnet_jax import reproduce
+
+    assert reproduce.default_epochs() == reproduce.DEFAULT_EPOCHS
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    caps = reproduce.default_epochs()
+    assert set(caps) == set(reproduce.DEFAULT_EPOCHS)
+    assert all(cap == reproduce.ACCELERATOR_EPOCHS > max(reproduce.DEFAULT_EPOCHS.values()) for cap in caps.values())
