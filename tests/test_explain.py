@@ -14,16 +14,20 @@ import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from PIL import Image
 
 from helpers import make_folder, per_sample_grads, run_cli
 from metrics.attribution import RunningTop, proponent_summary
-from resnet_jax import audit_bench, checkpoint, data, explain, labels, params, projection, train, trajectory
+from resnet_jax import audit_bench, checkpoint, data, explain, labels, models, params, projection, trajectory
+from resnet_jax.bench import random_variables
+from resnet_jax.losses import cross_entropy
 
 SIZE = 24  # small stem: layer4 maps 3x3
-EPOCHS = 4
+STEPS, EVERY, RATE = 30, 10, 1e-3  # full-batch Adam steps, a checkpoint every EVERY steps, its learning rate
 SUBSET = "layer4_1/bn2,fc"
 K = 64  # projection dimension of the pipeline checks
 ODD = "odd.png"  # the constructed picture: test/circle/odd.png, and train/square/odd.png (flipped label)
@@ -40,17 +44,38 @@ def _odd_picture(size=SIZE, seed=5):
 
 @pytest.fixture(scope="module")
 def learned(tmp_path_factory):
-    """A ResNet-18 (small stem, 24 px) trained for EPOCHS epochs, every epoch kept, on 3 x 6 shapes plus
-    a copy of the test circle odd.png labelled square; returns (folder, run directory)."""
+    """A ResNet-18 (small stem, 24 px) trained on 3 x 5 shapes plus a copy of the test circle odd.png
+    labelled square, until it classifies every training image as labelled: STEPS full-batch Adam steps
+    in inference mode (BatchNorm on its running statistics, as every analysis runs the model; a few
+    steps of batch training leave those statistics unsettled), a checkpoint with its learning rate
+    every EVERY steps. Returns (folder, run directory)."""
     root = tmp_path_factory.mktemp("duplicate")
-    make_folder(root / "train", per_class=6, seed=0)
+    make_folder(root / "train", per_class=5, seed=0)
     make_folder(root / "test", per_class=2, seed=1)
     for where in ("test/circle", "train/square"):
         _odd_picture().save(root / where / ODD)
-    out = str(root / "run")
-    config = train.TrainConfig(model="resnet18", data=f"folder:{root}", epochs=EPOCHS, batch_size=8, stem="small",
-                               image_size=SIZE, learning_rate=5e-3)
-    train.fit(config, out, progress=False, log=lambda s: None, held_out=False, keep_epochs="all")
+    ds = data.load(f"folder:{root}", image_size=SIZE, default_split="train")
+    model = models.create("resnet18", ds.num_classes, "small")
+    variables = random_variables(model, SIZE, seed=0)
+    images, y = jnp.asarray(ds.take(np.arange(len(ds))).images), jnp.asarray(ds.labels)
+    tx = optax.adam(RATE)
+
+    @jax.jit
+    def step(p, state):
+        loss = lambda q: cross_entropy(models.apply(model, {"params": q, "batch_stats": variables["batch_stats"]},
+                                                    images)[0], y).mean()
+        updates, state = tx.update(jax.grad(loss)(p), state)
+        return optax.apply_updates(p, updates), state
+
+    p, state = variables["params"], tx.init(variables["params"])
+    meta = checkpoint.make_meta("resnet18", ds.num_classes, ds.class_names, "small", SIZE, "none", data=ds.spec)
+    out, history = str(root / "run"), []
+    for t in range(1, STEPS + 1):
+        p, state = step(p, state)
+        if t % EVERY == 0:
+            history.append({"epoch": t // EVERY, "learning_rate": RATE})
+            checkpoint.save(out, t // EVERY, {"params": p, "batch_stats": variables["batch_stats"]},
+                            dict(meta, history=list(history)), keep=None)
     return str(root), out
 
 
@@ -208,7 +233,7 @@ def test_cli_explains_and_refuses_bad_input(learned, tmp_path, capsys):
     assert len(os.listdir(os.path.join(out, "figures"))) == errors.size
     assert os.path.isfile(os.path.join(out, "train-store", "store.json"))
     # one checkpoint: still works, says so
-    code, stdout, err = run_cli(base + ["--steps", str(EPOCHS), "--out", out], capsys)
+    code, stdout, err = run_cli(base + ["--steps", str(STEPS // EVERY), "--out", out], capsys)
     assert code == 0 and "single-checkpoint approximation" in stdout, err
     # no errors to explain: the training images the model classifies correctly
     train_ds = data.load(f"folder:{root}", image_size=SIZE, default_split="train")
@@ -222,9 +247,12 @@ def test_cli_explains_and_refuses_bad_input(learned, tmp_path, capsys):
     assert code == 0 and "no errors to explain" in stdout, err
     assert not os.path.exists(tmp_path / "none")
     # bad input
-    two = make_folder(tmp_path / "two", classes=("circle", "square"), per_class=4)
-    code, _, err = run_cli(base + ["--test", f"folder:{two}:all", "--out", str(tmp_path / "x")], capsys)
+    other = make_folder(tmp_path / "other", classes=("a", "b", "c"), per_class=2)
+    code, _, err = run_cli(base + ["--test", f"folder:{other}:all", "--out", str(tmp_path / "x")], capsys)
     _one_line_error(code, err, "classes", "differ")
+    two = make_folder(tmp_path / "two", classes=("circle", "square"), per_class=2)
+    code, _, err = run_cli(base + ["--test", f"folder:{two}:all", "--out", str(tmp_path / "x")], capsys)
+    _one_line_error(code, err, "2 classes")
     code, _, err = run_cli(base + ["--top", "1000", "--out", str(tmp_path / "x")], capsys)
     _one_line_error(code, err, "--top 1000", "training images")
     code, _, err = run_cli(base + ["--influence", "bogus", "--out", str(tmp_path / "x")], capsys)
