@@ -1,13 +1,15 @@
 """explain: TracIn proponents and opponents of test predictions.
 
 Checked against independent computations, on a tiny model trained until it has learned a
-constructed mistake (a training copy of one test picture, labelled with another class):
+constructed mistake (a training copy of one test picture, labelled with another class, makes
+the model misclassify that test picture):
 * influence scores (raw, cosine, relatif; projected and fc closed form) against a per-sample
   jax.grad loop over the checkpoints, the projection through `projection.projection_matrix`;
 * the projected influence against the exact one, its error within what the dimension predicts;
 * the running top-K against a full sort, the proponent summary against hand counts;
 * the sign convention: the flipped duplicate is THE top proponent of the error it causes;
-* the command end to end and its bad input: one line, exit code 2, nothing written.
+* the command end to end and its bad input: one line, exit code 2, nothing written;
+* the counterfactual bench's removal sets and table against hand counts (no training here).
 """
 import json
 import os
@@ -258,3 +260,38 @@ def test_cli_explains_and_refuses_bad_input(learned, tmp_path, capsys):
     code, _, err = run_cli(base + ["--influence", "bogus", "--out", str(tmp_path / "x")], capsys)
     _one_line_error(code, err, "--influence")
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_bench_removal_sets_and_table_against_hand_counts():
+    from resnet_jax import explain_bench
+    from metrics.attribution import spread
+
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(50, 4)) * 3
+    y = rng.integers(0, 4, 50).astype(np.int32)
+    pro = np.asarray([[3, 7, 9], [7, 1, 2]])
+    result = {"proponents": pro, "train_labels": y, "train_outputs": [{"logits": logits}]}
+    sets = explain_bench.removal_sets(result, 2, seed=4)
+    np.testing.assert_array_equal(sets["proponents"], [1, 3, 7])
+    loss = np.log(np.exp(logits).sum(1)) - logits[np.arange(50), y]
+    np.testing.assert_array_equal(sets["high-loss"], np.sort(np.argsort(-loss)[:3]))
+    assert sets["random"].size == 3 and np.unique(sets["random"]).size == 3 and sets["reorder"].size == 1
+    np.testing.assert_array_equal(sets["random"], explain_bench.removal_sets(result, 2, seed=4)["random"])
+    runs = [{"seed": s, "k": 10, "arm": arm, "removed": 5, "errors": 20, "fixed": f, "new_errors": 1, "accuracy": 0.9}
+            for s, fixed in enumerate([(8, 4), (6, 2), (10, 3)]) for arm, f in zip(("proponents", "random"), fixed)]
+    runs += [{"seed": s, "k": None, "arm": "reorder", "removed": 1, "errors": 20, "fixed": f, "new_errors": 2,
+              "accuracy": 0.9} for s, f in enumerate((1, 3, 2))]
+    rows = explain_bench.table(runs, spread)
+    assert [(r["K"], r["removed"].split()[0]) for r in rows] == [(10, "proponents"), (10, "random"), ("-", "one")]
+    assert rows[0]["fixed (mean)"] == 8 and rows[0]["fixed (std)"] == pytest.approx(np.std([8, 6, 10], ddof=1))
+    assert rows[0]["x random"] == pytest.approx(8 / 3) and rows[0]["fixed per seed"] == "8 / 6 / 10"
+    assert rows[2]["fixed (mean)"] == 2 and rows[2]["x random"] is None
+
+
+@pytest.mark.parametrize("args, fragment", [(["--seeds", "0,x"], "--seeds"), (["--top", "0"], "--top"),
+                                            (["--arms", "proponents,bogus"], "unknown arm 'bogus'")])
+def test_bench_explain_bad_options(args, fragment, tmp_path, capsys):
+    out = str(tmp_path / "b")
+    code, _, err = run_cli(["bench", "explain", *args, "--out", out, "--quiet"], capsys)
+    _one_line_error(code, err, fragment)
+    assert not os.path.exists(out)
