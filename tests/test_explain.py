@@ -194,9 +194,11 @@ def test_running_top_and_summary_against_numpy():
 
 def test_the_flipped_duplicate_is_the_top_proponent_of_its_error(outputs):
     """The model has learned the constructed case: the test circle odd.png is predicted square, and
-    its training copy labelled square is the largest positive influence on that prediction for the
-    normalised kinds (fc exact and projected), and never an opponent; a flipped sign convention would
-    make it the top opponent."""
+    its training copy labelled square is the largest positive influence on that prediction for every
+    kind (fc exact and projected), and not an opponent. For cosine and relatif this follows from
+    Cauchy-Schwarz once the copy's gradients equal the test image's (the test-side loss at the
+    predicted label); a flipped sign would make the copy the top opponent, a test-side loss at the
+    true label would not give it the largest score."""
     traj, train_view, test_view, pred = outputs["traj"], outputs["train"], outputs["test"], outputs["pred"]
     names = traj.meta["class_names"]
     m = next(i for i, image_id in enumerate(test_view.ids) if image_id.endswith(ODD))
@@ -204,7 +206,7 @@ def test_the_flipped_duplicate_is_the_top_proponent_of_its_error(outputs):
     assert names[pred[m]] == "square" and names[train_view.labels[dup]] == "square"
     for method in ("fc", "proj"):
         te, tr = outputs[method]
-        for kind in ("relatif", "cosine"):
+        for kind in explain.INFLUENCES:
             (pro, pro_s), (opp, _) = explain.top_influences(_select(te, [m]), tr, traj.learning_rates, method,
                                                             pred[[m]], train_view.labels, 5, kind=kind)
             assert pro[0, 0] == dup and pro_s[0, 0] > 0 and dup not in opp[0], (method, kind, pro, opp)
