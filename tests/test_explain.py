@@ -297,3 +297,9 @@ def test_bench_explain_bad_options(args, fragment, tmp_path, capsys):
     code, _, err = run_cli(["bench", "explain", *args, "--out", out, "--quiet"], capsys)
     _one_line_error(code, err, fragment)
     assert not os.path.exists(out)
+
+
+def test_cli_influence_choices_are_the_explain_kinds():
+    from resnet_jax import cli_explain
+
+    assert cli_explain.INFLUENCES == explain.INFLUENCES  # the first is the default of both
