@@ -133,8 +133,8 @@ def run(out_dir: str, *, seeds=(0, 1, 2), ks=(10, 20), model: str = "resnet18", 
 
 def table(runs: list[dict], spread) -> list[dict]:
     """Returns one row per (K, arm) and one for reorder: errors fixed (mean, sample std over seeds,
-    per-seed values), images removed, new errors and accuracy (means), and the ratio of the mean
-    fixed to the random arm's mean fixed at the same K."""
+    per-seed values, mean share of each seed's errors), images removed, new errors and accuracy
+    (means), and the ratio of the mean fixed to the random arm's mean fixed at the same K."""
     rows = []
     for k in sorted({r["k"] for r in runs if r["k"] is not None}, reverse=True) + [None]:
         random_fixed = [r["fixed"] for r in runs if r["k"] == k and r["arm"] == "random"]
@@ -149,6 +149,7 @@ def table(runs: list[dict], spread) -> list[dict]:
                          "seeds": fixed["n"], "images removed": float(np.mean([r["removed"] for r in sel])),
                          "errors": float(np.mean([r["errors"] for r in sel])), "fixed (mean)": fixed["mean"],
                          "fixed (std)": fixed["std"], "fixed per seed": " / ".join(str(r["fixed"]) for r in sel),
+                         "fixed share (mean)": float(np.mean([r["fixed"] / r["errors"] for r in sel])),
                          "new errors (mean)": float(np.mean([r["new_errors"] for r in sel])),
                          "accuracy (mean)": float(np.mean([r["accuracy"] for r in sel])),
                          "x random": (fixed["mean"] / np.mean(random_fixed)

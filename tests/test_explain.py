@@ -287,6 +287,7 @@ def test_bench_removal_sets_and_table_against_hand_counts():
     assert [(r["K"], r["removed"].split()[0]) for r in rows] == [(10, "proponents"), (10, "random"), ("-", "one")]
     assert rows[0]["fixed (mean)"] == 8 and rows[0]["fixed (std)"] == pytest.approx(np.std([8, 6, 10], ddof=1))
     assert rows[0]["x random"] == pytest.approx(8 / 3) and rows[0]["fixed per seed"] == "8 / 6 / 10"
+    assert rows[0]["fixed share (mean)"] == pytest.approx(np.mean([8 / 20, 6 / 20, 10 / 20]))
     assert rows[2]["fixed (mean)"] == 2 and rows[2]["x random"] is None
 
 
