@@ -134,10 +134,11 @@ def run(out_dir: str, *, seeds=(0, 1, 2), ks=(10, 20), model: str = "resnet18", 
 def table(runs: list[dict], spread) -> list[dict]:
     """Returns one row per (K, arm) and one for reorder: errors fixed (mean, sample std over seeds,
     per-seed values, mean share of each seed's errors), images removed, new errors and accuracy
-    (means), and the ratio of the mean fixed to the random arm's mean fixed at the same K."""
+    (means), and the ratio of the mean fixed to the random arm's mean fixed at the same K, over the
+    seeds that have both (None without any)."""
     rows = []
     for k in sorted({r["k"] for r in runs if r["k"] is not None}, reverse=True) + [None]:
-        random_fixed = [r["fixed"] for r in runs if r["k"] == k and r["arm"] == "random"]
+        random_fixed = {r["seed"]: r["fixed"] for r in runs if r["k"] == k and r["arm"] == "random"}
         for arm in ARMS:
             sel = [r for r in runs if r["k"] == k and r["arm"] == arm]
             if not sel:
@@ -152,6 +153,11 @@ def table(runs: list[dict], spread) -> list[dict]:
                          "fixed share (mean)": float(np.mean([r["fixed"] / r["errors"] for r in sel])),
                          "new errors (mean)": float(np.mean([r["new_errors"] for r in sel])),
                          "accuracy (mean)": float(np.mean([r["accuracy"] for r in sel])),
-                         "x random": (fixed["mean"] / np.mean(random_fixed)
-                                      if random_fixed and np.mean(random_fixed) > 0 else None)})
+                         "x random": _ratio([r for r in sel if r["seed"] in random_fixed], random_fixed)})
     return rows
+
+
+def _ratio(runs: list[dict], random_fixed: dict) -> float | None:
+    """Returns sum of fixed over `runs` / sum of the random arm's fixed over the same seeds (None if 0)."""
+    denominator = sum(random_fixed[r["seed"]] for r in runs)
+    return sum(r["fixed"] for r in runs) / denominator if runs and denominator > 0 else None

@@ -289,6 +289,8 @@ def test_bench_removal_sets_and_table_against_hand_counts():
     assert rows[0]["x random"] == pytest.approx(8 / 3) and rows[0]["fixed per seed"] == "8 / 6 / 10"
     assert rows[0]["fixed share (mean)"] == pytest.approx(np.mean([8 / 20, 6 / 20, 10 / 20]))
     assert rows[2]["fixed (mean)"] == 2 and rows[2]["x random"] is None
+    partial = explain_bench.table([r for r in runs if r["arm"] == "proponents" or r["seed"] == 1], spread)
+    assert partial[0]["fixed (mean)"] == 8 and partial[0]["x random"] == pytest.approx(6 / 2)  # seed 1 only
 
 
 @pytest.mark.parametrize("args, fragment", [(["--seeds", "0,x"], "--seeds"), (["--top", "0"], "--top"),
