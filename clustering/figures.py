@@ -34,7 +34,8 @@ def _check_png_path(path):
     return path
 
 
-def _new_figure(width, height):
+def new_figure(width, height):
+    """Returns a matplotlib Figure of width x height inches (constrained layout, Agg canvas, no pyplot)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -43,7 +44,7 @@ def _new_figure(width, height):
     return fig
 
 
-def _save_png(fig, path):
+def save_png(fig, path):
     """Write fig to path as PNG via a temporary file in the same directory; returns path."""
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
     try:
@@ -117,7 +118,7 @@ def pca_grid(reps, labels_true, kmeans_labels, gmm_labels, path, title=None, cla
 
     n_colours = int(max(r.max() for rs in rows.values() for r in rs)) + 1
     size = float(np.clip(3000 / n, 1, 12))
-    fig = _new_figure(_PANEL_INCHES * len(reps), _PANEL_INCHES * len(_ROWS))
+    fig = new_figure(_PANEL_INCHES * len(reps), _PANEL_INCHES * len(_ROWS))
     axes = fig.subplots(len(_ROWS), len(reps), squeeze=False)
     for col, name in enumerate(reps):
         xy = coords[name]
@@ -139,7 +140,7 @@ def pca_grid(reps, labels_true, kmeans_labels, gmm_labels, path, title=None, cla
         axes[0, 0].legend(handles=handles, fontsize=6, loc="best")
     if title:
         fig.suptitle(title)
-    return _save_png(fig, path)
+    return save_png(fig, path)
 
 
 def image_grid(images, labels, class_names, path, per_class=6, overlays=None, alpha=0.5, cmap="jet", title=None):
@@ -176,7 +177,7 @@ def image_grid(images, labels, class_names, path, per_class=6, overlays=None, al
         if not np.isfinite(maps).all() or maps.min() < 0 or maps.max() > 1:
             raise ValueError("overlays must be finite and in [0, 1]; normalise each map first")
 
-    fig = _new_figure(_CELL_INCHES * per_class + 1.0, _CELL_INCHES * len(present) + (0.4 if title else 0.0))
+    fig = new_figure(_CELL_INCHES * per_class + 1.0, _CELL_INCHES * len(present) + (0.4 if title else 0.0))
     axes = fig.subplots(len(present), per_class, squeeze=False)
     for row, (c, idx) in enumerate(zip(present, shown)):
         for col in range(per_class):
@@ -200,7 +201,7 @@ def image_grid(images, labels, class_names, path, per_class=6, overlays=None, al
         axes[row, 0].set_ylabel(str(class_names[c]), rotation=0, ha="right", va="center", fontsize=8)
     if title:
         fig.suptitle(title)
-    return _save_png(fig, path)
+    return save_png(fig, path)
 
 
 def titled_grid(images, titles, path, columns=8, title_colours=None, title=None):
@@ -220,7 +221,7 @@ def titled_grid(images, titles, path, columns=8, title_colours=None, title=None)
     check_int(columns, "columns", 1)
     columns = min(columns, n)
     rows = -(-n // columns)
-    fig = _new_figure(_CELL_INCHES * 1.25 * columns, _CELL_INCHES * 1.5 * rows + (0.4 if title else 0.0))
+    fig = new_figure(_CELL_INCHES * 1.25 * columns, _CELL_INCHES * 1.5 * rows + (0.4 if title else 0.0))
     axes = fig.subplots(rows, columns, squeeze=False)
     for k, ax in enumerate(axes.ravel()):
         ax.axis("off")
@@ -234,4 +235,4 @@ def titled_grid(images, titles, path, columns=8, title_colours=None, title=None)
         ax.set_title(titles[k], fontsize=7, color="black" if title_colours is None else title_colours[k])
     if title:
         fig.suptitle(title, fontsize=9)
-    return _save_png(fig, path)
+    return save_png(fig, path)

@@ -11,28 +11,19 @@ import sys
 
 import click
 
-from . import files
+from . import cli_explain, files
+from .compile_cache import enable as _setup_jax
 from .errors import UserError, failure_line
-from .validate import (FRACTION, IMAGE_SIZE, NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, POSITIVE_FLOAT, SEED, Int,
-                       stopping_options)
+from .validate import (FRACTION, IMAGE_SIZE, MODEL_CHOICES, NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE,
+                       POSITIVE_FLOAT, SEED, Int, stopping_options)
 
 MIN_FREE_BYTES = 64 << 20  # refuse an --out whose disk has less free: every output needs more
-MODEL_CHOICES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 # Measured by `python -m resnet_jax.device_check accuracy` (README, "Mixed precision").
 PRECISION_HELP = ("fp32, or bf16: bfloat16 compute, float32 parameters, gradient sums and Grad-CAM maps. "
                   "bf16 against fp32 on the 540 held-out digits (ResNet-18, 3 epochs, CPU): fc gradient cosine "
                   "mean 0.99996 (min 0.9993), projected all-parameter cosine mean 0.9994 (min 0.989), Grad-CAM "
                   "CC mean 0.99998 (min 0.9992), the same prediction for 99.4% of the images.")
 AUDIT_DEFAULT_METHODS = ("margin", "loss", "aum", "tracin")  # audit.DEFAULT_METHODS (not imported for --help)
-
-
-def _setup_jax() -> None:
-    """Turns on JAX's persistent compilation cache (a second run skips the compiles)."""
-    import jax
-
-    cache = os.environ.get("RESNET_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "resnet-jax", "xla"))
-    jax.config.update("jax_compilation_cache_dir", cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def _check_out(out_dir: str) -> None:
@@ -557,6 +548,9 @@ def bench_audit_cmd(model, data_spec, epochs, batch_size, label_noise, noise_see
     if "retrain" in result:
         click.echo(tables.markdown_table(result["retrain"], list(result["retrain"][0]), 4))
 
+
+cli.add_command(cli_explain.explain_cmd)
+bench.add_command(cli_explain.bench_explain_cmd)
 
 MODELS_DEFAULT = "resnet18,resnet34,resnet50,resnet101,resnet152"
 

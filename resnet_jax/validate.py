@@ -12,6 +12,7 @@ import numpy as np
 
 from .errors import UserError
 
+MODEL_CHOICES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 SEED_MAX = 2**31 - 1          # numpy and jax.random both take it
 IMAGE_SIZE_MIN, IMAGE_SIZE_MAX = 8, 1024  # below 8 the stem leaves no map; above 1024 one image costs > 12 MB
 

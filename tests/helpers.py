@@ -50,3 +50,26 @@ def float64():
         yield
     finally:
         jax.config.update("jax_enable_x64", old)
+
+
+def per_sample_grads(model, variables, images, labels, paths):
+    """Per-sample jax.grad loop of the cross-entropy: flat gradients (N, D) float64 over the parameter
+    `paths` ("layer4_1/bn2/scale", ...) in their order; an independent reference for the engines."""
+    from resnet_jax import models
+
+    def loss(v, image, label):
+        logits, _ = models.apply(model, v, image[None])
+        return -jax.nn.log_softmax(logits[0])[label]
+
+    grad = jax.jit(jax.grad(loss))
+    rows = []
+    for image, label in zip(images, labels):
+        g = grad(variables, jax.numpy.asarray(image), int(label))
+        flat = []
+        for path in paths:
+            leaf = g["params"]
+            for part in path.split("/"):
+                leaf = leaf[part]
+            flat.append(np.asarray(leaf, np.float64).ravel())
+        rows.append(np.concatenate(flat))
+    return np.asarray(rows)

@@ -11,7 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "resnet_jax")
 
 
-@pytest.mark.parametrize("modules", ["metrics.similarity, metrics.agreement, metrics.saliency",
+@pytest.mark.parametrize("modules", ["metrics.similarity, metrics.agreement, metrics.saliency, metrics.attribution",
                                      "clustering.cluster, clustering.misclassified, clustering.figures"])
 def test_host_packages_import_no_jax(modules):
     code = f"import sys; import {modules}; print('jax' in sys.modules, 'flax' in sys.modules)"

@@ -1,0 +1,308 @@
+"""explain: TracIn proponents and opponents of test predictions.
+
+Checked against independent computations, on a tiny model trained until it has learned a
+constructed mistake (a training copy of one test picture, labelled with another class, makes
+the model misclassify that test picture):
+* influence scores (raw, cosine, relatif; projected and fc closed form) against a per-sample
+  jax.grad loop over the checkpoints, the projection through `projection.projection_matrix`;
+* the projected influence against the exact one, its error within what the dimension predicts;
+* the running top-K against a full sort, the proponent summary against hand counts;
+* the sign convention: the flipped duplicate is THE top proponent of the error it causes;
+* the command end to end and its bad input: one line, exit code 2, nothing written;
+* the counterfactual bench's removal sets and table against hand counts (no training here).
+"""
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from PIL import Image
+
+from helpers import make_folder, per_sample_grads, run_cli
+from metrics.attribution import RunningTop, proponent_summary
+from resnet_jax import audit_bench, checkpoint, data, explain, labels, models, params, projection, trajectory
+from resnet_jax.bench import random_variables
+from resnet_jax.losses import cross_entropy
+
+SIZE = 24  # small stem: layer4 maps 3x3
+STEPS, EVERY, RATE = 30, 10, 1e-3  # full-batch Adam steps, a checkpoint every EVERY steps, its learning rate
+SUBSET = "layer4_1/bn2,fc"
+K = 64  # projection dimension of the pipeline checks
+ODD = "odd.png"  # the constructed picture: test/circle/odd.png, and train/square/odd.png (flipped label)
+
+
+def _odd_picture(size=SIZE, seed=5):
+    """A circle drawn dark on a bright background: unlike every other picture of the folder."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    shape = (yy - size // 2) ** 2 + (xx - size // 2) ** 2 < 25
+    img = 1.0 - (rng.random((size, size, 3)) * 0.2 + shape[..., None] * 0.8)
+    return Image.fromarray((img * 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory):
+    """A ResNet-18 (small stem, 24 px) trained on 3 x 5 shapes plus a copy of the test circle odd.png
+    labelled square, until it classifies every training image as labelled: STEPS full-batch Adam steps
+    in inference mode (BatchNorm on its running statistics, as every analysis runs the model; a few
+    steps of batch training leave those statistics unsettled), a checkpoint with its learning rate
+    every EVERY steps. Returns (folder, run directory)."""
+    root = tmp_path_factory.mktemp("duplicate")
+    make_folder(root / "train", per_class=5, seed=0)
+    make_folder(root / "test", per_class=2, seed=1)
+    for where in ("test/circle", "train/square"):
+        _odd_picture().save(root / where / ODD)
+    ds = data.load(f"folder:{root}", image_size=SIZE, default_split="train")
+    model = models.create("resnet18", ds.num_classes, "small")
+    variables = random_variables(model, SIZE, seed=0)
+    images, y = jnp.asarray(ds.take(np.arange(len(ds))).images), jnp.asarray(ds.labels)
+    tx = optax.adam(RATE)
+
+    @jax.jit
+    def step(p, state):
+        loss = lambda q: cross_entropy(models.apply(model, {"params": q, "batch_stats": variables["batch_stats"]},
+                                                    images)[0], y).mean()
+        updates, state = tx.update(jax.grad(loss)(p), state)
+        return optax.apply_updates(p, updates), state
+
+    p, state = variables["params"], tx.init(variables["params"])
+    meta = checkpoint.make_meta("resnet18", ds.num_classes, ds.class_names, "small", SIZE, "none", data=ds.spec)
+    out, history = str(root / "run"), []
+    for t in range(1, STEPS + 1):
+        p, state = step(p, state)
+        if t % EVERY == 0:
+            history.append({"epoch": t // EVERY, "learning_rate": RATE})
+            checkpoint.save(out, t // EVERY, {"params": p, "batch_stats": variables["batch_stats"]},
+                            dict(meta, history=list(history)), keep=None)
+    return str(root), out
+
+
+@pytest.fixture(scope="module")
+def outputs(learned):
+    """The trajectory, the training and test views (predicted labels), and per checkpoint the fc
+    outputs and the SUBSET projections (k = K, seed 3) of both."""
+    root, out = learned
+    traj = trajectory.load(out)
+    train_view, _, test_ds = explain.open_data(out, None, None, traj.meta)
+    with jax.default_matmul_precision("float32"):
+        test_fwd, _ = trajectory.checkpoint_outputs(traj, test_ds, test_ds.labels, batch_size=8, progress=False)
+        pred = np.argmax(test_fwd[-1]["logits"], axis=1).astype(np.int32)
+        test_view = labels.LabelView(test_ds, np.arange(len(test_ds)), pred)
+        kwargs = {"project_params": SUBSET, "project_dim": K, "seed": 3, "batch_size": 8, "progress": False}
+        train_proj, _ = trajectory.checkpoint_outputs(traj, train_view, train_view.labels, **kwargs)
+        test_proj, _ = trajectory.checkpoint_outputs(traj, test_view, pred, **kwargs)
+    fc = lambda outs: [{"logits": o["logits"], "features": o["features"]} for o in outs]
+    return {"traj": traj, "train": train_view, "test": test_view, "pred": pred,
+            "fc": (fc(test_proj), fc(train_proj)), "proj": (test_proj, train_proj)}
+
+
+def _kinds(inner, sq_test, sq_train, rates):
+    """raw, cosine and relatif from per-checkpoint inner products (T, M, N) and squared norms."""
+    raw = sum(eta * g for eta, g in zip(rates, inner))
+    cosine = sum(eta * g / np.sqrt(np.outer(a, b)) for eta, g, a, b in zip(rates, inner, sq_test, sq_train))
+    relatif = raw / np.sqrt(sum(eta * b for eta, b in zip(rates, sq_train)))[None]
+    return {"raw": raw, "cosine": cosine, "relatif": relatif}
+
+
+@pytest.fixture(scope="module")
+def exact(learned, outputs):
+    """Per-sample jax.grad loop over SUBSET at every checkpoint, 5 training and 3 test images (odd.png
+    among them): the gradients, and the influences of every kind on fc and through the projection."""
+    traj, train_view, test_view = outputs["traj"], outputs["train"], outputs["test"]
+    tr = np.r_[np.arange(4), [train_view.ids.index(next(i for i in train_view.ids if i.endswith(ODD)))]]
+    te = np.r_[[test_view.ids.index(next(i for i in test_view.ids if i.endswith(ODD)))], [0, 4]]
+    ckpts = [checkpoint.load(traj.directory, s) for s in traj.steps]
+    lay = params.layout(ckpts[0].variables["params"], SUBSET)
+    fc = [i for p, s, o in lay.entries if p.startswith("fc/") for i in range(o, o + int(np.prod(s)))]
+    xs, xt = train_view.take(tr).images, test_view.take(te).images
+    with jax.default_matmul_precision("float32"):
+        gs = [per_sample_grads(c.model, c.variables, xs, train_view.labels[tr], lay.paths) for c in ckpts]
+        gt = [per_sample_grads(c.model, c.variables, xt, outputs["pred"][te], lay.paths) for c in ckpts]
+    proj = projection.projection_matrix(lay, projection.Projection(K, 3)).astype(np.float64)
+    want = {}
+    for name, cols in (("fc", lambda g: g[:, fc]), ("proj", lambda g: g @ proj)):
+        a, b = [cols(g) for g in gt], [cols(g) for g in gs]
+        want[name] = _kinds([x @ y.T for x, y in zip(a, b)], [np.sum(x * x, 1) for x in a],
+                            [np.sum(y * y, 1) for y in b], traj.learning_rates)
+    return {"train_rows": tr, "test_rows": te, "gs": gs, "gt": gt, "layout": lay, "want": want}
+
+
+def _select(outs, rows):
+    return [{k: np.asarray(v)[rows] for k, v in o.items()} for o in outs]
+
+
+def test_influence_matches_a_per_sample_grad_loop(outputs, exact):
+    traj, pred = outputs["traj"], outputs["pred"]
+    y = outputs["train"].labels[exact["train_rows"]]
+    for method in ("fc", "proj"):
+        te, tr = outputs[method]
+        te, tr = _select(te, exact["test_rows"]), _select(tr, exact["train_rows"])
+        for kind, want in exact["want"][method].items():
+            got = explain.influence(te, tr, traj.learning_rates, method, pred[exact["test_rows"]], y, kind=kind)
+            np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3 * np.abs(want).max(), err_msg=f"{method} {kind}")
+    # chunked top-K over every training image equals a full sort of the same scores
+    te, tr = outputs["proj"]
+    full = explain.influence(te, tr, traj.learning_rates, "proj", pred, outputs["train"].labels, kind="relatif")
+    (pro, pro_s), (opp, _) = explain.top_influences(te, tr, traj.learning_rates, "proj", pred, outputs["train"].labels,
+                                                    3, chunk=4, kind="relatif")
+    np.testing.assert_array_equal(pro, np.argsort(-full, axis=1, kind="stable")[:, :3])
+    np.testing.assert_array_equal(opp, np.argsort(full, axis=1, kind="stable")[:, :3])
+    np.testing.assert_allclose(pro_s, np.take_along_axis(full, pro, 1))
+
+
+def test_projected_influence_within_what_the_dimension_predicts(outputs, exact):
+    """Dense JL: the sd of <Rg, Rg'> - <g, g'> is sqrt((|g|^2 |g'|^2 + <g, g'>^2) / k); the Kronecker
+    projection (k1 x k2 blocks) raises the variance of rank-one gradients by up to k1 + k2 (`projection`:
+    a squared norm's relative variance (2/k1 + 2/k2) / r against 2/k); the same R at every checkpoint
+    correlates their errors, so the sds add (sum_t eta_t sd_t)."""
+    rates, lay = outputs["traj"].learning_rates, exact["layout"]
+    exact_raw = sum(eta * a @ b.T for eta, a, b in zip(rates, exact["gt"], exact["gs"]))
+    k1, k2 = projection.DEFAULT_KRON
+    rms = {}
+    for k in (256, 1024):
+        sd = sum(eta * np.sqrt((np.outer(np.sum(a * a, 1), np.sum(b * b, 1)) + (a @ b.T) ** 2) / k * (k1 + k2))
+                 for eta, a, b in zip(rates, exact["gt"], exact["gs"]))
+        diff = []
+        for seed in range(3):
+            proj = projection.projection_matrix(lay, projection.Projection(k, seed)).astype(np.float64)
+            diff.append(sum(eta * (a @ proj) @ (b @ proj).T for eta, a, b in zip(rates, exact["gt"], exact["gs"]))
+                        - exact_raw)
+        assert np.sqrt(np.mean(np.square(np.asarray(diff) / sd))) < 1.0, k  # in units of the predicted sd
+        rms[k] = np.sqrt(np.mean(np.square(diff)))
+    assert rms[1024] < 0.75 * rms[256]  # predicted: half
+
+
+def test_running_top_and_summary_against_numpy():
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(5, 37)).round(1)  # ties
+    top = RunningTop(5, 4)
+    for start in range(0, 37, 10):
+        top.add(scores[:, start:start + 10], start)
+    np.testing.assert_array_equal(top.largest()[0], np.argsort(-scores, axis=1, kind="stable")[:, :4])
+    np.testing.assert_array_equal(top.smallest()[0], np.argsort(scores, axis=1, kind="stable")[:, :4])
+    s = proponent_summary(np.asarray([[1, 1], [0, 2]]), np.asarray([1, 2]), np.asarray([0, 1, 1, 2]),
+                          np.asarray([[True, False], [False, False]]), np.asarray([[True, False], [False, False]]),
+                          np.asarray([True, False, False, False]))
+    assert s["carry_predicted_label"] == 0.75 and s["carry_predicted_label_chance"] == (0.5 + 0.25) / 2
+    assert s["look_alike"] == 0.25 and s["look_alike_chance"] == 0.5
+    assert s["carry_flipped_label"] == 0.25 and s["carry_flipped_label_chance"] == 0.25
+
+
+def test_the_flipped_duplicate_is_the_top_proponent_of_its_error(outputs):
+    """The model has learned the constructed case: the test circle odd.png is predicted square, and
+    its training copy labelled square is the largest positive influence on that prediction for every
+    kind (fc exact and projected), and not an opponent. For cosine and relatif this follows from
+    Cauchy-Schwarz once the copy's gradients equal the test image's (the test-side loss at the
+    predicted label); a flipped sign would make the copy the top opponent, a test-side loss at the
+    true label would not give it the largest score."""
+    traj, train_view, test_view, pred = outputs["traj"], outputs["train"], outputs["test"], outputs["pred"]
+    names = traj.meta["class_names"]
+    m = next(i for i, image_id in enumerate(test_view.ids) if image_id.endswith(ODD))
+    dup = next(j for j, image_id in enumerate(train_view.ids) if image_id.endswith(ODD))
+    assert names[pred[m]] == "square" and names[train_view.labels[dup]] == "square"
+    for method in ("fc", "proj"):
+        te, tr = outputs[method]
+        for kind in explain.INFLUENCES:
+            (pro, pro_s), (opp, _) = explain.top_influences(_select(te, [m]), tr, traj.learning_rates, method,
+                                                            pred[[m]], train_view.labels, 5, kind=kind)
+            assert pro[0, 0] == dup and pro_s[0, 0] > 0 and dup not in opp[0], (method, kind, pro, opp)
+
+
+def _one_line_error(code, err, *fragments):
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_cli_explains_and_refuses_bad_input(learned, tmp_path, capsys):
+    root, run = learned
+    out = str(tmp_path / "explain")
+    base = ["explain", "--ckpt", run, "--method", "fc", "--quiet"]
+    code, stdout, err = run_cli(base + ["--top", "3", "--out", out], capsys)
+    assert code == 0, err
+    summary = json.load(open(os.path.join(out, "explain.json")))
+    test_ds = data.load(f"folder:{root}", image_size=SIZE, default_split="test")
+    pred = audit_bench.predict_probs(run, test_ds, np.arange(len(test_ds))).argmax(1)
+    errors = np.flatnonzero(pred != test_ds.labels)
+    assert summary["explained"] == summary["errors"] == errors.size > 0 and summary["influence"] == "relatif"
+    assert [it["test_id"] for it in summary["images"]] == [test_ds.ids[i] for i in errors]
+    odd = next(it for it in summary["images"] if it["test_id"].endswith(ODD))
+    assert odd["proponents"][0]["train_id"].endswith(ODD) and odd["predicted_label"] == "square"
+    assert len(open(os.path.join(out, "explain.csv")).read().splitlines()) == 1 + errors.size * 2 * 3
+    assert len(os.listdir(os.path.join(out, "figures"))) == errors.size
+    assert os.path.isfile(os.path.join(out, "train-store", "store.json"))
+    # one checkpoint: still works, says so
+    code, stdout, err = run_cli(base + ["--steps", str(STEPS // EVERY), "--out", out], capsys)
+    assert code == 0 and "single-checkpoint approximation" in stdout, err
+    # no errors to explain: the training images the model classifies correctly
+    train_ds = data.load(f"folder:{root}", image_size=SIZE, default_split="train")
+    right = np.flatnonzero(audit_bench.predict_probs(run, train_ds, np.arange(len(train_ds))).argmax(1)
+                           == train_ds.labels)
+    clean = tmp_path / "clean"
+    for i in right:
+        os.makedirs(clean / train_ds.class_names[train_ds.labels[i]], exist_ok=True)
+        shutil.copy(os.path.join(root, train_ds.ids[i]), clean / train_ds.class_names[train_ds.labels[i]])
+    code, stdout, err = run_cli(base + ["--test", f"folder:{clean}:all", "--out", str(tmp_path / "none")], capsys)
+    assert code == 0 and "no errors to explain" in stdout, err
+    assert not os.path.exists(tmp_path / "none")
+    # bad input
+    other = make_folder(tmp_path / "other", classes=("a", "b", "c"), per_class=2)
+    code, _, err = run_cli(base + ["--test", f"folder:{other}:all", "--out", str(tmp_path / "x")], capsys)
+    _one_line_error(code, err, "classes", "differ")
+    two = make_folder(tmp_path / "two", classes=("circle", "square"), per_class=2)
+    code, _, err = run_cli(base + ["--test", f"folder:{two}:all", "--out", str(tmp_path / "x")], capsys)
+    _one_line_error(code, err, "2 classes")
+    code, _, err = run_cli(base + ["--top", "1000", "--out", str(tmp_path / "x")], capsys)
+    _one_line_error(code, err, "--top 1000", "training images")
+    code, _, err = run_cli(base + ["--influence", "bogus", "--out", str(tmp_path / "x")], capsys)
+    _one_line_error(code, err, "--influence")
+    assert not os.path.exists(tmp_path / "x")
+
+
+def test_bench_removal_sets_and_table_against_hand_counts():
+    from resnet_jax import explain_bench
+    from metrics.attribution import spread
+
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(50, 4)) * 3
+    y = rng.integers(0, 4, 50).astype(np.int32)
+    pro = np.asarray([[3, 7, 9], [7, 1, 2]])
+    result = {"proponents": pro, "train_labels": y, "train_outputs": [{"logits": logits}]}
+    sets = explain_bench.removal_sets(result, 2, seed=4)
+    np.testing.assert_array_equal(sets["proponents"], [1, 3, 7])
+    loss = np.log(np.exp(logits).sum(1)) - logits[np.arange(50), y]
+    np.testing.assert_array_equal(sets["high-loss"], np.sort(np.argsort(-loss)[:3]))
+    assert sets["random"].size == 3 and np.unique(sets["random"]).size == 3 and sets["reorder"].size == 1
+    np.testing.assert_array_equal(sets["random"], explain_bench.removal_sets(result, 2, seed=4)["random"])
+    runs = [{"seed": s, "k": 10, "arm": arm, "removed": 5, "errors": 20, "fixed": f, "new_errors": 1, "accuracy": 0.9}
+            for s, fixed in enumerate([(8, 4), (6, 2), (10, 3)]) for arm, f in zip(("proponents", "random"), fixed)]
+    runs += [{"seed": s, "k": None, "arm": "reorder", "removed": 1, "errors": 20, "fixed": f, "new_errors": 2,
+              "accuracy": 0.9} for s, f in enumerate((1, 3, 2))]
+    rows = explain_bench.table(runs, spread)
+    assert [(r["K"], r["removed"].split()[0]) for r in rows] == [(10, "proponents"), (10, "random"), ("-", "one")]
+    assert rows[0]["fixed (mean)"] == 8 and rows[0]["fixed (std)"] == pytest.approx(np.std([8, 6, 10], ddof=1))
+    assert rows[0]["x random"] == pytest.approx(8 / 3) and rows[0]["fixed per seed"] == "8 / 6 / 10"
+    assert rows[0]["fixed share (mean)"] == pytest.approx(np.mean([8 / 20, 6 / 20, 10 / 20]))
+    assert rows[2]["fixed (mean)"] == 2 and rows[2]["x random"] is None
+    partial = explain_bench.table([r for r in runs if r["arm"] == "proponents" or r["seed"] == 1], spread)
+    assert partial[0]["fixed (mean)"] == 8 and partial[0]["x random"] == pytest.approx(6 / 2)  # seed 1 only
+
+
+@pytest.mark.parametrize("args, fragment", [(["--seeds", "0,x"], "--seeds"), (["--top", "0"], "--top"),
+                                            (["--arms", "proponents,bogus"], "unknown arm 'bogus'")])
+def test_bench_explain_bad_options(args, fragment, tmp_path, capsys):
+    out = str(tmp_path / "b")
+    code, _, err = run_cli(["bench", "explain", *args, "--out", out, "--quiet"], capsys)
+    _one_line_error(code, err, fragment)
+    assert not os.path.exists(out)
+
+
+def test_cli_influence_choices_are_the_explain_kinds():
+    from resnet_jax import cli_explain
+
+    assert cli_explain.INFLUENCES == explain.INFLUENCES  # the first is the default of both
