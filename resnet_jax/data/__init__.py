@@ -32,7 +32,9 @@ Sources and policies
   `DIGITS_CANVAS` px canvas of uniform RGB noise in [0, DIGITS_NOISE). Mask = upscaled glyph >
   DIGITS_MASK_THRESHOLD at the placed position. Placement and noise come from
   `np.random.default_rng([seed, crc32(split), sklearn_index])`: bit-identical for the same seed,
-  independent of batching. `image_size` renders at that canvas size with glyph
+  independent of batching; `take(indices, redraw=k)` draws version k of each glyph from
+  `[seed, crc32(split), sklearn_index, 1, k]` instead (training renders a new version every epoch).
+  `image_size` renders at that canvas size with glyph
   round(image_size * 32/72) rounded to a multiple of 8 (at least 8); no resampling. Ids
   "digits:SPLIT:NNNNN" with the sklearn index. Rendered per batch (the 8x8 glyphs are held in memory).
 * folder: class names = sorted subfolder names (hidden folders and `masks` excluded); images are the
