@@ -166,15 +166,21 @@ def evaluate(model, variables, dataset, batch_size: int = 128, eval_step=None) -
     return correct / total
 
 
-def precise_batch_stats(model: models.ResNet, variables: dict, batches) -> dict:
+def make_batch_stats_step(model: models.ResNet):
+    """Returns jit(f)(variables, images) -> the BatchNorm statistics of that batch alone, per layer."""
+    fresh = model.clone(momentum=0.0)
+    return jax.jit(lambda variables, images: models.apply(fresh, variables, images, train=True)[2])
+
+
+def precise_batch_stats(model: models.ResNet, variables: dict, batches, batch_stats_step=None) -> dict:
     """Returns BatchNorm statistics re-estimated with the current weights ("precise BN"): per layer, the
     mean over `batches` (image arrays (B, H, W, 3) of one size) of each batch's own mean and variance.
 
     The running averages lag behind weights that change fast; in short runs that costs eval-mode
     accuracy, and the validation slice that decides when to stop is evaluated in eval mode.
+    `batch_stats_step` is `make_batch_stats_step(model)`, made once per run (else compiled per call).
     """
-    fresh = model.clone(momentum=0.0)
-    batch_stats_of = jax.jit(lambda v, images: models.apply(fresh, v, images, train=True)[2])
+    batch_stats_of = batch_stats_step or make_batch_stats_step(model)
     stats = [batch_stats_of(variables, images) for images in batches]
     return jax.tree_util.tree_map(lambda *per_batch: sum(per_batch) / len(per_batch), *stats)
 
@@ -258,7 +264,7 @@ def fit(config: TrainConfig, out_dir: str, progress: bool = True, log=print, hel
         from .align import make_aligned_loss
         loss_fn = make_aligned_loss(model, config.grad_align, config.grad_mi, seed=config.seed)
     train_step = make_train_step(model, tx, loss_fn, label_smoothing=config.label_smoothing)
-    eval_step = make_eval_step(model)
+    eval_step, batch_stats_step = make_eval_step(model), make_batch_stats_step(model)
     rng = jax.random.key(config.seed)
     started = time.perf_counter()
     offset = history[-1]["seconds"] if history else 0.0  # seconds of the runs this one resumes
@@ -303,7 +309,8 @@ def fit(config: TrainConfig, out_dir: str, progress: bool = True, log=print, hel
             bar.set_postfix(loss=f"{loss:.3f}", **status)
         epoch += 1
         if stats_images:
-            batch_stats = precise_batch_stats(model, {"params": params, "batch_stats": batch_stats}, stats_images)
+            batch_stats = precise_batch_stats(model, {"params": params, "batch_stats": batch_stats}, stats_images,
+                                              batch_stats_step)
         variables = {"params": params, "batch_stats": batch_stats}
         val_acc = evaluate(model, variables, validation_batches(), eval_step=eval_step) if len(val_idx) else None
         test_acc = evaluate(model, variables, test_set, eval_step=eval_step) if held_out else None
