@@ -11,6 +11,16 @@ from PIL import Image
 from resnet_jax.cli import main
 
 
+def assert_one_line_error(code, err, *fragments):
+    """Asserts exit code 2 and one stderr line "error: ..." holding every fragment, no traceback."""
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
 def run_cli(argv, capsys):
     """Runs the CLI in-process; returns (exit code, stdout, stderr)."""
     try:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import make_folder, run_cli
+from helpers import assert_one_line_error, make_folder, run_cli
 from metrics import detection
 from resnet_jax import audit, checkpoint, data, labels, models, params, projection, trajectory
 from resnet_jax.bench import random_variables
@@ -186,13 +186,6 @@ def test_scores_match_a_per_sample_grad_loop(trajectory_case):
 
 
 # ----------------------------------------------------------------------------- the CLI
-
-
-def assert_one_line_error(code, err, *fragments):
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_train_with_noise_then_audit(tiny_folder, tmp_path, capsys):

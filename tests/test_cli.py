@@ -5,16 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from helpers import make_folder, run_cli
-
-
-def assert_one_line_error(code, err, *fragments):
-    assert code == 2, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+from helpers import assert_one_line_error, make_folder, run_cli
 
 
 def test_models_prints_parameter_counts(capsys):

@@ -22,7 +22,7 @@ import optax
 import pytest
 from PIL import Image
 
-from helpers import make_folder, per_sample_grads, run_cli
+from helpers import assert_one_line_error, make_folder, per_sample_grads, run_cli
 from metrics.attribution import RunningTop, proponent_summary
 from resnet_jax import audit_bench, checkpoint, data, explain, labels, models, params, projection, trajectory
 from resnet_jax.bench import random_variables
@@ -212,13 +212,6 @@ def test_the_flipped_duplicate_is_the_top_proponent_of_its_error(outputs):
             assert pro[0, 0] == dup and pro_s[0, 0] > 0 and dup not in opp[0], (method, kind, pro, opp)
 
 
-def _one_line_error(code, err, *fragments):
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-
-
 def test_cli_explains_and_refuses_bad_input(learned, tmp_path, capsys):
     root, run = learned
     out = str(tmp_path / "explain")
@@ -253,14 +246,14 @@ def test_cli_explains_and_refuses_bad_input(learned, tmp_path, capsys):
     # bad input
     other = make_folder(tmp_path / "other", classes=("a", "b", "c"), per_class=2)
     code, _, err = run_cli(base + ["--test", f"folder:{other}:all", "--out", str(tmp_path / "x")], capsys)
-    _one_line_error(code, err, "classes", "differ")
+    assert_one_line_error(code, err, "classes", "differ")
     two = make_folder(tmp_path / "two", classes=("circle", "square"), per_class=2)
     code, _, err = run_cli(base + ["--test", f"folder:{two}:all", "--out", str(tmp_path / "x")], capsys)
-    _one_line_error(code, err, "2 classes")
+    assert_one_line_error(code, err, "2 classes")
     code, _, err = run_cli(base + ["--top", "1000", "--out", str(tmp_path / "x")], capsys)
-    _one_line_error(code, err, "--top 1000", "training images")
+    assert_one_line_error(code, err, "--top 1000", "training images")
     code, _, err = run_cli(base + ["--influence", "bogus", "--out", str(tmp_path / "x")], capsys)
-    _one_line_error(code, err, "--influence")
+    assert_one_line_error(code, err, "--influence")
     assert not os.path.exists(tmp_path / "x")
 
 
@@ -298,7 +291,7 @@ def test_bench_removal_sets_and_table_against_hand_counts():
 def test_bench_explain_bad_options(args, fragment, tmp_path, capsys):
     out = str(tmp_path / "b")
     code, _, err = run_cli(["bench", "explain", *args, "--out", out, "--quiet"], capsys)
-    _one_line_error(code, err, fragment)
+    assert_one_line_error(code, err, fragment)
     assert not os.path.exists(out)
 
 

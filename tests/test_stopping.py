@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import run_cli
-from test_cli import assert_one_line_error
+from helpers import assert_one_line_error, run_cli
 
 
 def _colour_folder(root, per_class=24, size=24, seed=0):
