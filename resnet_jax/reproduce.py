@@ -223,13 +223,13 @@ def _run_model(name, arch, base_spec, ckpt_dir, training, out_dir, limit, seed, 
 def _finished_training(ckpt_dir: str, config) -> dict | None:
     """Returns the stop record of a cached checkpoint that finished training with this configuration
     (so a warm run restores nothing to train), else None: `train.fit` then resumes or refuses it."""
-    from . import checkpoint
+    from . import checkpoint, train
 
     if checkpoint.latest_step(ckpt_dir) is None:
         return None
     meta = checkpoint.load_meta(ckpt_dir)
-    stop, wanted = meta.get("stop"), {k: v for k, v in config.__dict__.items() if k not in ("extra", "precision")}
-    if stop is None or stop["reason"] == "time_budget" or meta.get("train_config") != wanted:
+    stop = meta.get("stop")
+    if stop is None or stop["reason"] == "time_budget" or meta.get("train_config") != train.recorded_config(config):
         return None
     return stop
 

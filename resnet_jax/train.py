@@ -66,6 +66,12 @@ DIGITS_TARGET = 0.95
 RESUMABLE_CHANGES = ("time_budget",)
 
 
+def recorded_config(config: TrainConfig) -> dict:
+    """Returns the fields of `config` stored as the checkpoint's `train_config`, which a resumed run must match
+    (all but `extra` and `precision`: either precision may continue a run)."""
+    return {k: v for k, v in config.__dict__.items() if k not in ("extra", "precision")}
+
+
 def target_for(config: TrainConfig) -> float | None:
     """Returns the validation accuracy the run stops at: the configured one, else 0.95 on digits
     (None without a validation slice)."""
@@ -250,8 +256,7 @@ def fit(config: TrainConfig, out_dir: str, progress: bool = True, log=print, hel
     tx = make_optimizer(config, steps_per_epoch)
     meta = checkpoint.make_meta(config.model, train_set.num_classes, train_set.class_names, config.stem,
                                 train_set.image_size, normalization, data=train_set.spec,
-                                train_config={k: v for k, v in config.__dict__.items()
-                                              if k not in ("extra", "precision")},
+                                train_config=recorded_config(config),
                                 precision=config.precision,  # not in the resume check: either precision continues
                                 validation={"fraction": config.validation_fraction, "size": int(len(val_idx)),
                                             "ids_sha256": _ids_digest(train_set.ids, val_idx)},
