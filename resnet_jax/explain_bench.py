@@ -124,6 +124,7 @@ def run(out_dir: str, *, seeds=(0, 1, 2), ks=(10, 20), model: str = "resnet18", 
                 summary["runs"].append({"seed": seed, "k": None if arm == "reorder" else k, "arm": arm,
                                         "removed": int(removed.size), "errors": int(errors.size),
                                         "fixed": int(np.sum(now[errors] == true[errors])),
+                                        "fixed_ids": [int(i) for i in errors[now[errors] == true[errors]]],
                                         "new_errors": int(np.sum((now != true) & (pred == true))),
                                         "accuracy": float(np.mean(now == true)),
                                         "training_s": round(audit_bench.training_seconds(
@@ -137,10 +138,19 @@ def table(runs: list[dict], spread) -> list[dict]:
     """Returns one row per (K, arm) and one for reorder: errors fixed (mean, sample std over seeds,
     per-seed values, mean share of each seed's errors), images removed, new errors and accuracy
     (means), and the ratio of the mean fixed to the random arm's mean fixed at the same K, over the
-    seeds that have both (None without any)."""
+    seeds that have both (None without any). "beyond the floor" counts only the errors that the
+    same seed's reorder run (one random image removed) left wrong: the fixes that retraining noise
+    alone does not explain (None where a seed has no reorder run or a run no `fixed_ids`)."""
+    floor = {r["seed"]: set(r["fixed_ids"]) for r in runs if r["arm"] == "reorder" and "fixed_ids" in r}
+
+    def beyond(run):
+        return len(set(run["fixed_ids"]) - floor[run["seed"]]) if "fixed_ids" in run and run["seed"] in floor else None
+
     rows = []
     for k in sorted({r["k"] for r in runs if r["k"] is not None}, reverse=True) + [None]:
         random_fixed = {r["seed"]: r["fixed"] for r in runs if r["k"] == k and r["arm"] == "random"}
+        random_beyond = {r["seed"]: beyond(r) for r in runs if r["k"] == k and r["arm"] == "random"
+                         and beyond(r) is not None}
         for arm in ARMS:
             sel = [r for r in runs if r["k"] == k and r["arm"] == arm]
             if not sel:
@@ -155,8 +165,19 @@ def table(runs: list[dict], spread) -> list[dict]:
                          "fixed share (mean)": float(np.mean([r["fixed"] / r["errors"] for r in sel])),
                          "new errors (mean)": float(np.mean([r["new_errors"] for r in sel])),
                          "accuracy (mean)": float(np.mean([r["accuracy"] for r in sel])),
-                         "x random": _ratio([r for r in sel if r["seed"] in random_fixed], random_fixed)})
+                         "x random": _ratio([r for r in sel if r["seed"] in random_fixed], random_fixed),
+                         **_beyond_floor(sel, beyond, random_beyond)})
     return rows
+
+
+def _beyond_floor(sel: list[dict], beyond, random_beyond: dict) -> dict:
+    """Returns the row's "fixed beyond the floor" (mean over the seeds that have it, else None) and its
+    ratio to the random arm's over the seeds that have both."""
+    counted = {r["seed"]: beyond(r) for r in sel if beyond(r) is not None}
+    both = [s for s in counted if s in random_beyond]
+    denominator = sum(random_beyond[s] for s in both)
+    return {"fixed beyond the floor (mean)": float(np.mean(list(counted.values()))) if counted else None,
+            "x random beyond the floor": sum(counted[s] for s in both) / denominator if both and denominator else None}
 
 
 def _ratio(runs: list[dict], random_fixed: dict) -> float | None:

@@ -284,6 +284,16 @@ def test_bench_removal_sets_and_table_against_hand_counts():
     assert rows[2]["fixed (mean)"] == 2 and rows[2]["x random"] is None
     partial = explain_bench.table([r for r in runs if r["arm"] == "proponents" or r["seed"] == 1], spread)
     assert partial[0]["fixed (mean)"] == 8 and partial[0]["x random"] == pytest.approx(6 / 2)  # seed 1 only
+    assert rows[0]["fixed beyond the floor (mean)"] is None  # no fixed_ids recorded
+    # Beyond the floor: fixes the same seed's reorder run did not also make, counted by hand.
+    ids = {(0, "proponents"): [1, 2, 3], (0, "random"): [3, 4], (0, "reorder"): [3],
+           (1, "proponents"): [5, 6], (1, "random"): [5], (1, "reorder"): [7]}
+    runs = [dict(r, fixed_ids=ids[r["seed"], r["arm"]]) for r in runs if r["seed"] < 2]
+    rows = explain_bench.table(runs, spread)
+    assert rows[0]["fixed beyond the floor (mean)"] == pytest.approx(np.mean([2, 2]))  # {1,2} and {5,6}
+    assert rows[1]["fixed beyond the floor (mean)"] == pytest.approx(np.mean([1, 1]))  # {4} and {5}
+    assert rows[0]["x random beyond the floor"] == pytest.approx(4 / 2)
+    assert rows[2]["fixed beyond the floor (mean)"] == 0 and rows[2]["x random beyond the floor"] is None
 
 
 @pytest.mark.parametrize("args, fragment", [(["--seeds", "0,x"], "--seeds"), (["--top", "0"], "--top"),
