@@ -156,6 +156,7 @@ def table(runs: list[dict], spread) -> list[dict]:
             if not sel:
                 continue
             fixed = spread([r["fixed"] for r in sel])
+            counted = {r["seed"]: beyond(r) for r in sel if beyond(r) is not None}
             rows.append({"K": "-" if k is None else k,
                          "removed": {"proponents": "proponents", "reorder": "one random image (noise floor)"}.get(
                              arm, f"{arm} (same count)"),
@@ -165,22 +166,15 @@ def table(runs: list[dict], spread) -> list[dict]:
                          "fixed share (mean)": float(np.mean([r["fixed"] / r["errors"] for r in sel])),
                          "new errors (mean)": float(np.mean([r["new_errors"] for r in sel])),
                          "accuracy (mean)": float(np.mean([r["accuracy"] for r in sel])),
-                         "x random": _ratio([r for r in sel if r["seed"] in random_fixed], random_fixed),
-                         **_beyond_floor(sel, beyond, random_beyond)})
+                         "x random": _ratio({r["seed"]: r["fixed"] for r in sel}, random_fixed),
+                         "fixed beyond the floor (mean)": float(np.mean(list(counted.values()))) if counted else None,
+                         "x random beyond the floor": _ratio(counted, random_beyond)})
     return rows
 
 
-def _beyond_floor(sel: list[dict], beyond, random_beyond: dict) -> dict:
-    """Returns the row's "fixed beyond the floor" (mean over the seeds that have it, else None) and its
-    ratio to the random arm's over the seeds that have both."""
-    counted = {r["seed"]: beyond(r) for r in sel if beyond(r) is not None}
-    both = [s for s in counted if s in random_beyond]
-    denominator = sum(random_beyond[s] for s in both)
-    return {"fixed beyond the floor (mean)": float(np.mean(list(counted.values()))) if counted else None,
-            "x random beyond the floor": sum(counted[s] for s in both) / denominator if both and denominator else None}
-
-
-def _ratio(runs: list[dict], random_fixed: dict) -> float | None:
-    """Returns sum of fixed over `runs` / sum of the random arm's fixed over the same seeds (None if 0)."""
-    denominator = sum(random_fixed[r["seed"]] for r in runs)
-    return sum(r["fixed"] for r in runs) / denominator if runs and denominator > 0 else None
+def _ratio(per_seed: dict, random_per_seed: dict) -> float | None:
+    """Returns the sum of `per_seed` over the seeds that both dicts have / the sum of `random_per_seed` over
+    them (None without a common seed, or if that sum is 0)."""
+    both = [s for s in per_seed if s in random_per_seed]
+    denominator = sum(random_per_seed[s] for s in both)
+    return sum(per_seed[s] for s in both) / denominator if both and denominator > 0 else None
