@@ -60,3 +60,24 @@ def spread(values) -> dict:
     v = np.asarray(values, np.float64)
     return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0,
             "min": float(v.min()), "max": float(v.max()), "n": int(v.size)}
+
+
+def removal_correlation(scores, removals, loss_change) -> dict:
+    """Returns how well influence scores predict what retraining without images did: per test image, the
+    Spearman correlation over the R retrainings between the predicted change of its loss (the sum of the
+    scores (M, N) of the removed training images: removing a proponent raises the loss of the prediction)
+    and the measured change `loss_change` (R, M); {"mean" over the test images with a defined correlation,
+    "per_image" (M,) with NaN where either side is constant, "runs": R}."""
+    from scipy.stats import spearmanr
+
+    scores = np.asarray(scores, np.float64)
+    predicted = np.stack([scores[:, np.asarray(r, np.int64)].sum(1) for r in removals])  # (R, M)
+    actual = np.asarray(loss_change, np.float64)
+    if predicted.shape != actual.shape:
+        raise ValueError(f"loss_change has shape {actual.shape}, the removals and scores give {predicted.shape}")
+    rho = np.full(actual.shape[1], np.nan)
+    for m in range(actual.shape[1]):
+        if np.ptp(predicted[:, m]) > 0 and np.ptp(actual[:, m]) > 0:
+            rho[m] = spearmanr(predicted[:, m], actual[:, m])[0]
+    defined = rho[~np.isnan(rho)]
+    return {"mean": float(defined.mean()) if defined.size else None, "per_image": rho, "runs": int(actual.shape[0])}

@@ -10,10 +10,12 @@ from .errors import UserError
 from .validate import MODEL_CHOICES, POSITIVE, SEED
 
 MIN_FREE_BYTES = 64 << 20
-INFLUENCES = ("relatif", "cosine", "raw")  # explain.INFLUENCES (not imported for --help)
+INFLUENCES = ("relatif", "cosine", "raw", "fisher")  # explain.INFLUENCES (not imported for --help)
 INFLUENCE_HELP = ("relatif (default): TracIn over the square root of the training image's TracIn self-influence; "
                   "cosine: sum of eta_t times the gradient cosines; raw: TracIn, sum of eta_t times the gradient "
-                  "inner products (favours training images of large gradient).")
+                  "inner products (favours training images of large gradient); fisher: the influence function "
+                  "with the damped empirical Fisher of the projected training gradients, averaged over the "
+                  "checkpoints (--method proj only).")
 
 
 def _ints(text: str, name: str) -> tuple[int, ...]:
@@ -87,8 +89,9 @@ def explain_cmd(ckpt_dir, train_spec, test_spec, errors_only, top, kind, method,
 @click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated training seeds.")
 @click.option("--top", "ks", default="10,20", show_default=True,
               help="Comma-separated K: each error's top-K proponents removed (the first K runs first).")
-@click.option("--influence", "kind", type=click.Choice(INFLUENCES), default=INFLUENCES[0], show_default=True,
-              help=INFLUENCE_HELP)
+@click.option("--influence", "kinds", default=INFLUENCES[0], show_default=True,
+              help="Comma-separated influence kinds; the proponents (and random removals of the same count) of each "
+                   "are retrained, high-loss removal at the first's count. " + INFLUENCE_HELP)
 @click.option("--method", type=click.Choice(["proj", "fc"]), default="proj", show_default=True,
               help="Gradients of the attribution: proj (all parameters, projected) or fc (closed form).")
 @click.option("--project-dim", type=POSITIVE, default=1024, show_default=True, help="Projection dimension of proj.")
@@ -98,7 +101,7 @@ def explain_cmd(ckpt_dir, train_spec, test_spec, errors_only, top, kind, method,
 @click.option("--out", "out_dir", default="bench-explain", show_default=True,
               help="Directory of the runs (each resumes) and bench-explain.json.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def bench_explain_cmd(model, data_spec, epochs, batch_size, seeds, ks, kind, method, project_dim, arms, out_dir,
+def bench_explain_cmd(model, data_spec, epochs, batch_size, seeds, ks, kinds, method, project_dim, arms, out_dir,
                       quiet):
     """Counterfactual check: retrain without each error's top-K proponents, vs random and high-loss removal."""
     seeds, ks = _ints(seeds, "seeds"), _ints(ks, "top")
@@ -108,7 +111,8 @@ def bench_explain_cmd(model, data_spec, epochs, batch_size, seeds, ks, kind, met
 
     with files.locked(out_dir):
         result = explain_bench.run(out_dir, seeds=seeds, ks=ks, model=model, data_spec=data_spec, epochs=epochs,
-                                   batch_size=batch_size, method=method, kind=kind, project_dim=project_dim,
+                                   batch_size=batch_size, method=method,
+                                   kinds=tuple(k.strip() for k in kinds.split(",") if k.strip()), project_dim=project_dim,
                                    arms=tuple(a.strip() for a in arms.split(",") if a.strip()),
                                    progress=not quiet, log=click.echo)
     click.echo(tables.markdown_table(result["table"], list(result["table"][0]), 3))

@@ -12,6 +12,11 @@ grad L(z', c; theta_t) at the saved checkpoints theta_t (eta_t the learning rate
     relatif  raw / sqrt(sum_t eta_t ||g_t(z)||^2): raw TracIn over the square root of the training
              image's own TracIn self-influence (RelatIF, Barshan et al. 2020, with the identity in
              place of the inverse Hessian).
+    fisher   (1/T) sum_t g_t(z')^T (F_t + lambda_t I)^-1 g_t(z), F_t = Phi_t^T Phi_t / N the empirical
+             Fisher of the N projected training gradients Phi_t (N, k), lambda_t = FISHER_DAMPING
+             trace(F_t) / k: the influence function in the projected space (as LoGra, Choe et al. 2024;
+             TRAK, Park et al. 2023, is the same form on the margin's gradients), averaged over the
+             checkpoints as TRAK averages over models; `proj` only.
 
 Raw TracIn favours training images of large gradient norm (on the embedded digits one training
 image was the top raw proponent of 35 of 40 errors); both normalisations remove that (README).
@@ -45,7 +50,8 @@ from . import audit, checkpoint, data, files, labels as label_edits, trajectory
 from .errors import UserError
 
 METHODS = ("proj", "fc")
-INFLUENCES = ("relatif", "cosine", "raw")  # the first is the default: best measured (README)
+INFLUENCES = ("relatif", "cosine", "raw", "fisher")  # the first is the default (README)
+FISHER_DAMPING = 0.1  # lambda_t of `fisher` as a fraction of the mean eigenvalue of F_t
 EXPLAIN_FORMAT = "resnet-jax-explain/1"
 STORE_FORMAT = "resnet-jax-explain-store/1"
 ITEM_KEYS = ("rank", "train_id", "train_label", "influence", "train_flipped")
@@ -88,14 +94,44 @@ def _inner(te: dict, tr: dict, method: str, test_labels, train_labels, rows: sli
             trajectory.fc_sq_norms(logits, features, y))
 
 
-def influence(test_outs: list[dict], train_outs: list[dict], rates, method: str, test_labels, train_labels,
-              rows: slice = slice(None), kind: str = "raw") -> np.ndarray:
-    """Returns the influence (M, n) float64 of the training rows `rows` on the M test images, of
-    `kind` raw, cosine or relatif (module docstring): `proj` from the projections "gw" (at the
-    labels they were computed with), `fc` in closed form from "logits" and "features" at
-    test_labels (M,) and train_labels (N,)."""
+def check_kind(kind: str, method: str) -> None:
+    """Raises UserError for an unknown influence kind, or `fisher` without the projected gradients."""
     if kind not in INFLUENCES:
         raise UserError(f"unknown influence {kind!r}: choose one of {', '.join(INFLUENCES)}")
+    if kind == "fisher" and method != "proj":
+        raise UserError("--influence fisher needs the projected gradients of the training set: use --method proj")
+
+
+def fisher_preconditioned(test_outs: list[dict], train_outs: list[dict], chunk: int = 4096,
+                          damping: float = FISHER_DAMPING) -> list[np.ndarray]:
+    """Returns per checkpoint g(z') (F + lambda I)^-1 (M, k) float64: F = Phi^T Phi / N accumulated over
+    chunks of `chunk` training rows of "gw" (N, k), lambda = damping trace(F) / k (module docstring)."""
+    out = []
+    for te, tr in zip(test_outs, train_outs):
+        n, k = tr["gw"].shape
+        gram = np.zeros((k, k))
+        for start in range(0, n, chunk):
+            b = np.asarray(tr["gw"][start:start + chunk], np.float64)
+            gram += b.T @ b
+        fisher = gram / n
+        lam = max(damping * np.trace(fisher) / k, np.finfo(np.float64).tiny)
+        out.append(np.linalg.solve(fisher + lam * np.eye(k), np.asarray(te["gw"], np.float64).T).T)
+    return out
+
+
+def influence(test_outs: list[dict], train_outs: list[dict], rates, method: str, test_labels, train_labels,
+              rows: slice = slice(None), kind: str = "raw", preconditioned: list | None = None) -> np.ndarray:
+    """Returns the influence (M, n) float64 of the training rows `rows` on the M test images, of
+    `kind` raw, cosine, relatif or fisher (module docstring): `proj` from the projections "gw" (at the
+    labels they were computed with), `fc` in closed form from "logits" and "features" at
+    test_labels (M,) and train_labels (N,). `fisher` uses `preconditioned` (`fisher_preconditioned`
+    over every training row), computed here when None."""
+    check_kind(kind, method)
+    if kind == "fisher":
+        if preconditioned is None:
+            preconditioned = fisher_preconditioned(test_outs, train_outs)
+        return sum(p @ np.asarray(tr["gw"][rows], np.float64).T for p, tr in zip(preconditioned, train_outs)) \
+            / len(preconditioned)
     total, self_influence = 0.0, 0.0
     for eta, te, tr in zip(rates, test_outs, train_outs):
         inner, sq_test, sq_train = _inner(te, tr, method, test_labels, train_labels, rows)
@@ -114,11 +150,13 @@ def top_influences(test_outs, train_outs, rates, method, test_labels, train_labe
     largest and smallest influence, computed over chunks of `chunk` training rows."""
     from metrics.attribution import RunningTop
 
+    check_kind(kind, method)
+    pre = fisher_preconditioned(test_outs, train_outs, chunk) if kind == "fisher" else None
     n = len(train_labels)
     best = RunningTop(len(test_labels), top)
     for start in range(0, n, chunk):
         rows = slice(start, min(n, start + chunk))
-        best.add(influence(test_outs, train_outs, rates, method, test_labels, train_labels, rows, kind), start)
+        best.add(influence(test_outs, train_outs, rates, method, test_labels, train_labels, rows, kind, pre), start)
     return best.largest(), best.smallest()
 
 
@@ -174,11 +212,11 @@ def explain(ckpt_dir: str, train_spec: str | None = None, test_spec: str | None 
     """Attributes the chosen test images (the misclassified ones, or all); returns {"explained" (M,)
     test indices, "true", "predicted" (M,), "proponents", "proponent_scores", "opponents",
     "opponent_scores" (M, K), "nearest" (M, K), "train", "train_labels" (N,), "flipped", "test",
-    "test_predicted" (T,), "trajectory", "train_outputs", "reused_store", "seconds", "method", "kind"}."""
+    "test_predicted" (T,), "trajectory", "train_outputs", "test_outputs" (per checkpoint, of the
+    explained images), "reused_store", "seconds", "method", "kind"}."""
     if method not in METHODS:
         raise UserError(f"unknown attribution method {method!r}: choose one of {', '.join(METHODS)}")
-    if kind not in INFLUENCES:
-        raise UserError(f"unknown influence {kind!r}: choose one of {', '.join(INFLUENCES)}")
+    check_kind(kind, method)
     if top < 1:
         raise UserError(f"--top must be at least 1, got {top}")
     if method == "proj" and project_dim < 1:
@@ -221,7 +259,7 @@ def explain(ckpt_dir: str, train_spec: str | None = None, test_spec: str | None 
                                                 result["train_labels"], top, chunk, kind)
     result.update(proponents=pro, proponent_scores=pro_s, opponents=opp, opponent_scores=opp_s,
                   nearest=nearest(test_outs[-1]["features"], train_outs[-1]["features"], top, chunk),
-                  train_outputs=train_outs, store_key=key)
+                  train_outputs=train_outs, test_outputs=test_outs, store_key=key)
     seconds["attribution"] = time.perf_counter() - started
     return result
 
@@ -280,7 +318,9 @@ def run_explain(ckpt_dir: str, out_dir: str, train_spec: str | None = None, test
                "influence": kind,
                "definition": "g_t(z) = grad L(train image, its training label; theta_t), g_t(z') = grad L(test "
                              "image, predicted label; theta_t); raw = sum_t eta_t <g_t(z), g_t(z')>, cosine = "
-                             "sum_t eta_t cos(g_t(z), g_t(z')), relatif = raw / sqrt(sum_t eta_t ||g_t(z)||^2); "
+                             "sum_t eta_t cos(g_t(z), g_t(z')), relatif = raw / sqrt(sum_t eta_t ||g_t(z)||^2), fisher = "
+                             f"mean_t g_t(z')^T (F_t + lambda_t I)^-1 g_t(z) (F_t = Phi_t^T Phi_t / N, lambda_t = "
+                             f"{FISHER_DAMPING} trace(F_t) / k); "
                              "proponents: largest, opponents: smallest (most negative)",
                "trajectory": {"steps": traj.steps, "learning_rates": traj.learning_rates.tolist(),
                               "learning_rate_source": traj.learning_rate_source,

@@ -1,19 +1,26 @@
 """`resnet-jax bench explain`: the counterfactual check of the proponents (remove and retrain).
 
 Per seed: train one run (every epoch kept), find its held-out errors and attribute each of them
-(`explain.explain`). Then, for each K, remove from the training set
-    proponents   the union of every error's top-K proponents (n images),
-    random       n images drawn uniformly (numpy default_rng([seed, K])),
-    high-loss    the n images of highest training loss at the newest checkpoint,
+(`explain.explain`) with every influence kind asked for (`kinds`, the first the baseline's). Then,
+for each K, remove from the training set
+    proponents   the union of every error's top-K proponents (n images), per kind,
+    random       n images drawn uniformly (numpy default_rng([seed, K])), per distinct n,
+    high-loss    the n images of highest training loss at the newest checkpoint (n of the first kind),
 and once per seed
     reorder      one random training image (default_rng([seed, 0])): nothing of consequence is
                  removed, but every epoch's batches change; the noise floor of retraining,
 retrain with the same seed and recipe, and count how many of the original errors the retrained
-model now classifies correctly ("fixed"), the new errors and the held-out accuracy. The order is
+model now classifies correctly ("fixed"), the new errors and the held-out accuracy. Every
+retraining also measures how each error's loss at its predicted label changed; per influence kind
+(all of them, whichever chose the removals), "removal_correlation" is the mean Spearman correlation
+over a seed's retrainings between that change and the one the scores predict (the sum of the
+removed images' influences), averaged over the errors and then the seeds: a small-sample relative
+of the linear datamodeling score, on these removals instead of random half-subsets. The order is
 priority first: all base runs, then per K (in the order given) and arm, every seed, so that a run
 cut short has the first K of every seed. Every run resumes from its directory under `out_dir`
 (and each base run's training store, `seedS/train-store`); bench-explain.json is rewritten
-after every retraining.
+after every retraining. A run's directory is seedS/k{K}-{arm}, with -{kind} added for kinds other than
+relatif (high-loss: the first kind, whose count it takes), and seedS/reorder.
 """
 from __future__ import annotations
 
@@ -30,20 +37,24 @@ ARMS = ("proponents", "random", "reorder", "high-loss")
 BENCH_FORMAT = "resnet-jax-bench-explain/1"
 
 
-def held_out_predictions(ckpt_dir: str, config: train.TrainConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Returns (predicted (T,), true (T,)) of the newest checkpoint on the held-out split of config.data."""
+def held_out_probs(ckpt_dir: str, config: train.TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Returns (softmax (T, C) float64, true (T,)) of the newest checkpoint on the held-out split of config.data."""
     ckpt = checkpoint.load(ckpt_dir)
     kind, arg, _ = data.parse_spec(config.data)
     test_set = data.load_for_checkpoint(kind if arg is None else f"{kind}:{arg}", ckpt.meta, default_split="test",
                                         seed=config.seed)
-    probs = audit_bench.predict_probs(ckpt_dir, test_set, np.arange(len(test_set)))
-    return probs.argmax(1), np.asarray(test_set.labels)
+    return audit_bench.predict_probs(ckpt_dir, test_set, np.arange(len(test_set))), np.asarray(test_set.labels)
 
 
-def removal_sets(result: dict, k: int, seed: int) -> dict:
-    """Returns {arm: sorted training indices to remove} for the K of one attribution `result`
-    ("reorder" does not depend on K)."""
-    chosen = np.unique(result["proponents"][:, :k])
+def _loss_at(probs: np.ndarray, rows: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Returns the cross-entropy (len(rows),) of the held-out rows at the given labels."""
+    return -np.log(np.maximum(probs[rows, labels], 1e-300))
+
+
+def removal_sets(result: dict, k: int, seed: int, proponents: np.ndarray | None = None) -> dict:
+    """Returns {arm: sorted training indices to remove} for the K of one attribution `result`, its
+    proponents (M, >= K) or those given ("reorder" does not depend on K)."""
+    chosen = np.unique((result["proponents"] if proponents is None else proponents)[:, :k])
     n_train = len(result["train_labels"])
     p = softmax64(result["train_outputs"][-1]["logits"])
     loss = -np.log(np.maximum(p[np.arange(n_train), result["train_labels"]], 1e-300))
@@ -53,8 +64,15 @@ def removal_sets(result: dict, k: int, seed: int) -> dict:
             "high-loss": np.sort(np.argsort(-loss, kind="stable")[:chosen.size])}
 
 
+def _run_name(arm: str, k: int, kind: str) -> str:
+    """Returns the directory of one retraining under seedS/ (module docstring)."""
+    if arm == "reorder":
+        return arm
+    return f"k{k}-{arm}" + ("" if kind == explain.INFLUENCES[0] else f"-{kind}")
+
+
 def run(out_dir: str, *, seeds=(0, 1, 2), ks=(10, 20), model: str = "resnet18", data_spec: str = "digits",
-        epochs: int = 6, batch_size: int = 64, method: str = "proj", kind: str = explain.INFLUENCES[0],
+        epochs: int = 6, batch_size: int = 64, method: str = "proj", kinds=(explain.INFLUENCES[0],),
         project_dim: int = 1024, arms=ARMS, progress: bool = True, log=print) -> dict:
     """Runs the counterfactual check; returns the summary written to out_dir/bench-explain.json."""
     from metrics.attribution import spread
@@ -64,18 +82,22 @@ def run(out_dir: str, *, seeds=(0, 1, 2), ks=(10, 20), model: str = "resnet18", 
     bad = [a for a in arms if a not in ARMS]
     if bad or not arms:
         raise UserError(f"unknown arm {bad[0] if bad else arms!r}: choose from {', '.join(ARMS)}")
-    if kind not in explain.INFLUENCES:
-        raise UserError(f"unknown influence {kind!r}: choose one of {', '.join(explain.INFLUENCES)}")
+    bad = [k for k in kinds if k not in explain.INFLUENCES]
+    if bad or not kinds or len(set(kinds)) != len(kinds):
+        raise UserError(f"--influence takes distinct kinds from {', '.join(explain.INFLUENCES)}, got {', '.join(kinds)}")
+    for kind in kinds:
+        explain.check_kind(kind, method)
     files.check_ours(out_dir, "bench-explain.json", BENCH_FORMAT)
     os.makedirs(out_dir, exist_ok=True)
     summary = {"format": BENCH_FORMAT,
                "config": {"model": model, "data": data_spec, "epochs": epochs, "batch_size": batch_size,
-                          "method": method, "influence": kind, "project_dim": project_dim, "seeds": list(seeds),
+                          "method": method, "influence": list(kinds), "project_dim": project_dim, "seeds": list(seeds),
                           "ks": list(ks), "arms": list(arms)},
                "runs": [], "seeds": []}
     path = os.path.join(out_dir, "bench-explain.json")
     files.write_json(path, summary)  # first: marks the directory as ours, so that a run cut short resumes
-    bases = {}
+    bases, base_loss, all_scores = {}, {}, {}
+    changes = {seed: [] for seed in seeds}  # per seed: (removed indices, change of the errors' test loss) per run
     for seed in seeds:
         # The measured recipe: a fixed number of epochs on every training image as rendered (no validation
         # slice, no redrawn digits), so that the removed images are the ones the model saw.
@@ -86,15 +108,21 @@ def run(out_dir: str, *, seeds=(0, 1, 2), ks=(10, 20), model: str = "resnet18", 
         train.fit(config, base_dir, progress=False, log=lambda s: log(f"  base: {s}"), held_out=False,
                   keep_epochs="all")
         epoch_seconds = audit_bench.training_seconds(checkpoint.load_meta(base_dir)["history"]) / epochs
-        pred, true = held_out_predictions(base_dir, config)
+        base_probs, true = held_out_probs(base_dir, config)
+        pred = base_probs.argmax(1)
         errors = np.flatnonzero(pred != true)
         if errors.size == 0:
             raise UserError(f"the seed-{seed} run makes no held-out errors: nothing to explain; train fewer --epochs")
-        log(f"seed {seed}: {errors.size} held-out errors; attributing them ({method}, {kind})")
+        log(f"seed {seed}: {errors.size} held-out errors; attributing them ({method}, {', '.join(kinds)})")
         started = time.perf_counter()
         store = os.path.join(out_dir, f"seed{seed}", "train-store")
-        result = explain.explain(base_dir, errors_only=True, top=max(ks), method=method, kind=kind,
+        result = explain.explain(base_dir, errors_only=True, top=max(ks), method=method, kind=kinds[0],
                                  project_dim=project_dim, seed=seed, store=store, progress=progress)
+        proponents = {kinds[0]: result["proponents"]}
+        for kind in kinds[1:]:
+            proponents[kind] = explain.top_influences(result["test_outputs"], result["train_outputs"],
+                                                      result["trajectory"].learning_rates, method, result["predicted"],
+                                                      result["train_labels"], max(ks), kind=kind)[0][0]
         if not result["reused_store"]:
             explain.save_store(store, result["store_key"], result["train_outputs"])
         attribution_seconds = time.perf_counter() - started  # with a reused store: the test side only
@@ -105,42 +133,73 @@ def run(out_dir: str, *, seeds=(0, 1, 2), ks=(10, 20), model: str = "resnet18", 
                                  "attribution_epochs": round(attribution_seconds / epoch_seconds, 2),
                                  "base_accuracy": float(np.mean(pred == true)),
                                  "attribution_parts": {k: round(v, 1) for k, v in result["seconds"].items()}})
-        bases[seed] = (config, result, pred, true, errors)
+        bases[seed] = (config, result, proponents, pred, true, errors)
+        base_loss[seed] = _loss_at(base_probs, errors, pred[errors])
+        all_scores[seed] = {kind: explain.influence(result["test_outputs"], result["train_outputs"],
+                                                    result["trajectory"].learning_rates, method, result["predicted"],
+                                                    result["train_labels"], kind=kind)
+                            for kind in explain.INFLUENCES if kind != "fisher" or method == "proj"}
         files.write_json(path, summary)
     for k in ks:
         for arm in arms:
-            for seed in seeds:
-                if arm == "reorder" and k != ks[0]:
-                    continue
-                config, result, pred, true, errors = bases[seed]
-                removed = removal_sets(result, k, seed)[arm]
-                run_dir = os.path.join(out_dir, f"seed{seed}", arm if arm == "reorder" else f"k{k}-{arm}")
-                log(f"seed {seed}, K = {k}: retraining without {removed.size} images ({arm})")
-                ids = result["train"].ids
-                edits = label_edits.LabelEdits(remove=tuple(ids[i] for i in removed))
-                train.fit(config, run_dir, progress=False, log=lambda s: log(f"  {arm}: {s}"), held_out=False,
-                          label_edits=edits, keep_epochs=str(config.epochs))
-                now, _ = held_out_predictions(run_dir, config)
-                summary["runs"].append({"seed": seed, "k": None if arm == "reorder" else k, "arm": arm,
-                                        "removed": int(removed.size), "errors": int(errors.size),
-                                        "fixed": int(np.sum(now[errors] == true[errors])),
-                                        "fixed_ids": [int(i) for i in errors[now[errors] == true[errors]]],
-                                        "new_errors": int(np.sum((now != true) & (pred == true))),
-                                        "accuracy": float(np.mean(now == true)),
-                                        "training_s": round(audit_bench.training_seconds(
-                                            checkpoint.load_meta(run_dir)["history"]), 1)})
-                summary["table"] = table(summary["runs"], spread)
-                files.write_json(path, summary)
+            for kind in (kinds if arm in ("proponents", "random") else kinds[:1]):
+                for seed in seeds:
+                    if arm == "reorder" and k != ks[0]:
+                        continue
+                    config, result, proponents, pred, true, errors = bases[seed]
+                    removed = removal_sets(result, k, seed, proponents[kind])[arm]
+                    name = _run_name(arm, k, kind)
+                    if arm == "random" and kind != kinds[0] and removed.size == removal_sets(
+                            result, k, seed, proponents[kinds[0]])[arm].size:
+                        continue  # the same draw as the first kind's
+                    run_dir = os.path.join(out_dir, f"seed{seed}", name)
+                    log(f"seed {seed}, K = {k}: retraining without {removed.size} images ({name})")
+                    ids = result["train"].ids
+                    edits = label_edits.LabelEdits(remove=tuple(ids[i] for i in removed))
+                    train.fit(config, run_dir, progress=False, log=lambda s: log(f"  {name}: {s}"), held_out=False,
+                              label_edits=edits, keep_epochs=str(config.epochs))
+                    probs, _ = held_out_probs(run_dir, config)
+                    now = probs.argmax(1)
+                    changes[seed].append((removed, _loss_at(probs, errors, pred[errors]) - base_loss[seed]))
+                    summary["runs"].append({"seed": seed, "k": None if arm == "reorder" else k, "arm": arm,
+                                            "influence": kind if arm in ("proponents", "random") else None,
+                                            "removed": int(removed.size), "errors": int(errors.size),
+                                            "fixed": int(np.sum(now[errors] == true[errors])),
+                                            "fixed_ids": [int(i) for i in errors[now[errors] == true[errors]]],
+                                            "new_errors": int(np.sum((now != true) & (pred == true))),
+                                            "accuracy": float(np.mean(now == true)),
+                                            "training_s": round(audit_bench.training_seconds(
+                                                checkpoint.load_meta(run_dir)["history"]), 1)})
+                    summary["table"] = table(summary["runs"], spread)
+                    summary["removal_correlation"] = correlations(all_scores, changes)
+                    files.write_json(path, summary)
     return summary
 
 
+def correlations(all_scores: dict, changes: dict) -> dict:
+    """Returns per influence kind the mean over seeds (and the per-seed values) of
+    `metrics.attribution.removal_correlation` over that seed's retrainings, seeds with at least 3."""
+    from metrics.attribution import removal_correlation
+
+    out = {}
+    for kind in next(iter(all_scores.values()), {}):
+        per_seed = {seed: removal_correlation(all_scores[seed][kind], [r for r, _ in runs],
+                                              [c for _, c in runs])["mean"]
+                    for seed, runs in changes.items() if len(runs) >= 3 and seed in all_scores}
+        values = [v for v in per_seed.values() if v is not None]
+        out[kind] = {"mean": float(np.mean(values)) if values else None, "per_seed": per_seed,
+                     "runs": {seed: len(changes[seed]) for seed in per_seed}}
+    return out
+
+
 def table(runs: list[dict], spread) -> list[dict]:
-    """Returns one row per (K, arm) and one for reorder: errors fixed (mean, sample std over seeds,
-    per-seed values, mean share of each seed's errors), images removed, new errors and accuracy
-    (means), and the ratio of the mean fixed to the random arm's mean fixed at the same K, over the
-    seeds that have both (None without any). "beyond the floor" counts only the errors that the
-    same seed's reorder run (one random image removed) left wrong: the fixes that retraining noise
-    alone does not explain (None where a seed has no reorder run or a run no `fixed_ids`)."""
+    """Returns one row per (K, arm, influence kind) and one for reorder: errors fixed (mean, sample std
+    over seeds, per-seed values, mean share of each seed's errors), images removed, new errors and
+    accuracy (means), and the ratio of the fixed to those of the same seed's random run of the same K
+    and size, summed over the seeds that have both (None without any). "beyond the floor" counts only
+    the errors that the same seed's reorder run (one random image removed) left wrong: the fixes that
+    retraining noise alone does not explain (None where a seed has no reorder run or a run no
+    `fixed_ids`)."""
     floor = {r["seed"]: set(r["fixed_ids"]) for r in runs if r["arm"] == "reorder" and "fixed_ids" in r}
 
     def beyond(run):
@@ -148,33 +207,31 @@ def table(runs: list[dict], spread) -> list[dict]:
 
     rows = []
     for k in sorted({r["k"] for r in runs if r["k"] is not None}, reverse=True) + [None]:
-        random_fixed = {r["seed"]: r["fixed"] for r in runs if r["k"] == k and r["arm"] == "random"}
-        random_beyond = {r["seed"]: beyond(r) for r in runs if r["k"] == k and r["arm"] == "random"
-                         and beyond(r) is not None}
+        random = {(r["seed"], r["removed"]): r for r in runs if r["k"] == k and r["arm"] == "random"}
         for arm in ARMS:
-            sel = [r for r in runs if r["k"] == k and r["arm"] == arm]
-            if not sel:
-                continue
-            fixed = spread([r["fixed"] for r in sel])
-            counted = {r["seed"]: beyond(r) for r in sel if beyond(r) is not None}
-            rows.append({"K": "-" if k is None else k,
-                         "removed": {"proponents": "proponents", "reorder": "one random image (noise floor)"}.get(
-                             arm, f"{arm} (same count)"),
-                         "seeds": fixed["n"], "images removed": float(np.mean([r["removed"] for r in sel])),
-                         "errors": float(np.mean([r["errors"] for r in sel])), "fixed (mean)": fixed["mean"],
-                         "fixed (std)": fixed["std"], "fixed per seed": " / ".join(str(r["fixed"]) for r in sel),
-                         "fixed share (mean)": float(np.mean([r["fixed"] / r["errors"] for r in sel])),
-                         "new errors (mean)": float(np.mean([r["new_errors"] for r in sel])),
-                         "accuracy (mean)": float(np.mean([r["accuracy"] for r in sel])),
-                         "x random": _ratio({r["seed"]: r["fixed"] for r in sel}, random_fixed),
-                         "fixed beyond the floor (mean)": float(np.mean(list(counted.values()))) if counted else None,
-                         "x random beyond the floor": _ratio(counted, random_beyond)})
+            for kind in dict.fromkeys(r.get("influence") for r in runs if r["k"] == k and r["arm"] == arm):
+                sel = [r for r in runs if r["k"] == k and r["arm"] == arm and r.get("influence") == kind]
+                pairs = [(r, random[r["seed"], r["removed"]]) for r in sel if (r["seed"], r["removed"]) in random]
+                counted = [(beyond(r), beyond(q)) for r, q in pairs if beyond(r) is not None and beyond(q) is not None]
+                past = [beyond(r) for r in sel if beyond(r) is not None]
+                fixed = spread([r["fixed"] for r in sel])
+                label = {"proponents": "proponents", "reorder": "one random image (noise floor)"}.get(
+                    arm, f"{arm} (same count)")
+                rows.append({"K": "-" if k is None else k,
+                             "removed": label if kind is None or arm == "high-loss" else f"{label} [{kind}]",
+                             "seeds": fixed["n"], "images removed": float(np.mean([r["removed"] for r in sel])),
+                             "errors": float(np.mean([r["errors"] for r in sel])), "fixed (mean)": fixed["mean"],
+                             "fixed (std)": fixed["std"], "fixed per seed": " / ".join(str(r["fixed"]) for r in sel),
+                             "fixed share (mean)": float(np.mean([r["fixed"] / r["errors"] for r in sel])),
+                             "new errors (mean)": float(np.mean([r["new_errors"] for r in sel])),
+                             "accuracy (mean)": float(np.mean([r["accuracy"] for r in sel])),
+                             "x random": _ratio([(r["fixed"], q["fixed"]) for r, q in pairs]),
+                             "fixed beyond the floor (mean)": float(np.mean(past)) if past else None,
+                             "x random beyond the floor": _ratio(counted)})
     return rows
 
 
-def _ratio(per_seed: dict, random_per_seed: dict) -> float | None:
-    """Returns the sum of `per_seed` over the seeds that both dicts have / the sum of `random_per_seed` over
-    them (None without a common seed, or if that sum is 0)."""
-    both = [s for s in per_seed if s in random_per_seed]
-    denominator = sum(random_per_seed[s] for s in both)
-    return sum(per_seed[s] for s in both) / denominator if both and denominator > 0 else None
+def _ratio(pairs: list[tuple[int, int]]) -> float | None:
+    """Returns sum(ours) / sum(random) over the (ours, random) pairs (None without a pair, or if that sum is 0)."""
+    denominator = sum(q for _, q in pairs)
+    return sum(p for p, _ in pairs) / denominator if pairs and denominator > 0 else None

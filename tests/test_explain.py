@@ -23,9 +23,10 @@ import pytest
 from PIL import Image
 
 from helpers import assert_one_line_error, make_folder, per_sample_grads, run_cli
-from metrics.attribution import RunningTop, proponent_summary
+from metrics.attribution import RunningTop, proponent_summary, removal_correlation
 from resnet_jax import audit_bench, checkpoint, data, explain, labels, models, params, projection, trajectory
 from resnet_jax.bench import random_variables
+from resnet_jax.errors import UserError
 from resnet_jax.losses import cross_entropy
 
 SIZE = 24  # small stem: layer4 maps 3x3
@@ -108,6 +109,17 @@ def _kinds(inner, sq_test, sq_train, rates):
     return {"raw": raw, "cosine": cosine, "relatif": relatif}
 
 
+def _fisher(a, b):
+    """fisher from the projected test (M, k) and training (N, k) gradients per checkpoint, through the
+    eigendecomposition of F = b^T b / N: mean_t a V diag(1 / (w + lambda)) V^T b^T."""
+    total = 0.0
+    for x, y in zip(a, b):
+        w, v = np.linalg.eigh(y.T @ y / len(y))
+        lam = explain.FISHER_DAMPING * np.sum(w) / len(w)
+        total = total + (x @ v) @ ((v.T @ y.T) / (w + lam)[:, None])
+    return total / len(a)
+
+
 @pytest.fixture(scope="module")
 def exact(learned, outputs):
     """Per-sample jax.grad loop over SUBSET at every checkpoint, 5 training and 3 test images (odd.png
@@ -128,6 +140,7 @@ def exact(learned, outputs):
         a, b = [cols(g) for g in gt], [cols(g) for g in gs]
         want[name] = _kinds([x @ y.T for x, y in zip(a, b)], [np.sum(x * x, 1) for x in a],
                             [np.sum(y * y, 1) for y in b], traj.learning_rates)
+    want["proj"]["fisher"] = _fisher([g @ proj for g in gt], [g @ proj for g in gs])
     return {"train_rows": tr, "test_rows": te, "gs": gs, "gt": gt, "layout": lay, "want": want}
 
 
@@ -152,6 +165,12 @@ def test_influence_matches_a_per_sample_grad_loop(outputs, exact):
     np.testing.assert_array_equal(pro, np.argsort(-full, axis=1, kind="stable")[:, :3])
     np.testing.assert_array_equal(opp, np.argsort(full, axis=1, kind="stable")[:, :3])
     np.testing.assert_allclose(pro_s, np.take_along_axis(full, pro, 1))
+    # fisher: the Gram accumulated over chunks of 4 rows, the scores over chunks of 4, as one full product
+    full = explain.influence(te, tr, traj.learning_rates, "proj", pred, outputs["train"].labels, kind="fisher")
+    (pro, pro_s), _ = explain.top_influences(te, tr, traj.learning_rates, "proj", pred, outputs["train"].labels, 3,
+                                             chunk=4, kind="fisher")
+    np.testing.assert_array_equal(pro, np.argsort(-full, axis=1, kind="stable")[:, :3])
+    np.testing.assert_allclose(pro_s, np.take_along_axis(full, pro, 1), rtol=1e-9)
 
 
 def test_projected_influence_within_what_the_dimension_predicts(outputs, exact):
@@ -207,8 +226,12 @@ def test_the_flipped_duplicate_is_the_top_proponent_of_its_error(outputs):
     for method in ("fc", "proj"):
         te, tr = outputs[method]
         for kind in explain.INFLUENCES:
-            (pro, pro_s), (opp, _) = explain.top_influences(_select(te, [m]), tr, traj.learning_rates, method,
-                                                            pred[[m]], train_view.labels, 5, kind=kind)
+            args = (_select(te, [m]), tr, traj.learning_rates, method, pred[[m]], train_view.labels, 5)
+            if kind == "fisher" and method == "fc":
+                with pytest.raises(UserError, match="--method proj"):
+                    explain.top_influences(*args, kind=kind)
+                continue
+            (pro, pro_s), (opp, _) = explain.top_influences(*args, kind=kind)
             assert pro[0, 0] == dup and pro_s[0, 0] > 0 and dup not in opp[0], (method, kind, pro, opp)
 
 
@@ -294,10 +317,43 @@ def test_bench_removal_sets_and_table_against_hand_counts():
     assert rows[1]["fixed beyond the floor (mean)"] == pytest.approx(np.mean([1, 1]))  # {4} and {5}
     assert rows[0]["x random beyond the floor"] == pytest.approx(4 / 2)
     assert rows[2]["fixed beyond the floor (mean)"] == 0 and rows[2]["x random beyond the floor"] is None
+    # A second kind removes 7 images: compared with the random run of 7 images of its seed, not with that of 5.
+    extra = [dict(r, influence="fisher", removed=7, fixed=f, fixed_ids=list(range(f)))
+             for r, f in zip([r for r in runs if r["arm"] == "proponents"], (4, 9))]
+    extra += [dict(r, influence="fisher", removed=7, fixed=2, fixed_ids=[9, 10])
+              for r in runs if r["arm"] == "random" and r["seed"] == 0]
+    rows = explain_bench.table(runs + extra, spread)
+    fisher = [r for r in rows if r["removed"].endswith("[fisher]")]
+    assert [r["removed"] for r in fisher] == ["proponents [fisher]", "random (same count) [fisher]"]
+    assert fisher[0]["seeds"] == 2 and fisher[0]["x random"] == pytest.approx(4 / 2)  # seed 1 has no 7-image draw
+    assert fisher[0]["fixed beyond the floor (mean)"] == pytest.approx(np.mean([3, 8]))  # {0,1,2}, {0..8} - {7}
+    assert fisher[0]["x random beyond the floor"] == pytest.approx(3 / 2)
+    assert rows[0]["x random"] == pytest.approx((8 + 6) / (4 + 2))  # the first kind still against its own draws
+
+
+def test_removal_correlation_against_hand_ranks():
+    """Spearman over three retrainings: predicted change = the summed scores of the removed images."""
+    from resnet_jax import explain_bench
+
+    scores = np.asarray([[1.0, 2.0, 3.0, -1.0], [0.0, 0.0, 0.0, 0.0], [1.0, 2.0, 3.0, -1.0]])
+    removals = [[0], [1, 2], [3]]  # predicted for rows 0 and 2: 1, 5, -1 (ranks 2, 3, 1); row 1: constant
+    actual = np.asarray([[0.1, 0.5, 0.3], [0.3, 0.4, 0.1], [-0.2, 0.6, 0.2]])  # columns: test images
+    out = removal_correlation(scores, removals, actual)
+    # row 0: actual ranks 2, 3, 1 -> rho 1; row 2: ranks 3, 1, 2, d = (-1, 2, -1) -> 1 - 6 * 6 / (3 * 8) = -0.5
+    np.testing.assert_allclose(out["per_image"], [1.0, np.nan, -0.5])
+    assert out["mean"] == pytest.approx(0.25) and out["runs"] == 3
+    with pytest.raises(ValueError, match="shape"):
+        removal_correlation(scores, removals[:2], actual)
+    changes = {0: list(zip(removals, actual)), 1: list(zip(removals[:2], actual[:2]))}  # seed 1: too few runs
+    got = explain_bench.correlations({0: {"raw": scores}, 1: {"raw": scores}}, changes)
+    assert got["raw"]["mean"] == pytest.approx(0.25) and list(got["raw"]["per_seed"]) == [0]
 
 
 @pytest.mark.parametrize("args, fragment", [(["--seeds", "0,x"], "--seeds"), (["--top", "0"], "--top"),
-                                            (["--arms", "proponents,bogus"], "unknown arm 'bogus'")])
+                                            (["--arms", "proponents,bogus"], "unknown arm 'bogus'"),
+                                            (["--influence", "relatif,bogus"], "--influence"),
+                                            (["--influence", "relatif,relatif"], "--influence"),
+                                            (["--influence", "fisher", "--method", "fc"], "--method proj")])
 def test_bench_explain_bad_options(args, fragment, tmp_path, capsys):
     out = str(tmp_path / "b")
     code, _, err = run_cli(["bench", "explain", *args, "--out", out, "--quiet"], capsys)
