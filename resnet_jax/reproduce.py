@@ -26,9 +26,10 @@ from .models import MODEL_NAMES
 # afresh (new position and noise: the deep models otherwise memorise the noise of 1,131 images) and
 # BatchNorm statistics are re-estimated before each validation (train.precise_batch_stats). The
 # caps bound a cold `make reproduce` on a 2-core CPU; ResNet-101/152 stopped at a cap of 8 still
-# improving (held-out 0.76 / 0.60) and get 16 (see the README's measurements). With an accelerator,
+# improving (held-out 0.76 / 0.60); at 16 ResNet-101 reached its target and ResNet-152 held-out 0.87,
+# so ResNet-152 gets 24 (see the README's measurements). With an accelerator,
 # where an epoch takes seconds, every cap is ACCELERATOR_EPOCHS and the target decides.
-DEFAULT_EPOCHS = {"resnet18": 10, "resnet34": 8, "resnet50": 8, "resnet101": 16, "resnet152": 16}
+DEFAULT_EPOCHS = {"resnet18": 10, "resnet34": 8, "resnet50": 8, "resnet101": 16, "resnet152": 24}
 ACCELERATOR_EPOCHS = 40
 _DEEP = {"batch_size": 16, "learning_rate": 1e-3, "warmup_epochs": 0.5, "patience": 3}
 DEFAULT_SETTINGS = {
