@@ -40,6 +40,12 @@ def softmax64(logits):
     return e / e.sum(axis=1, keepdims=True)
 
 
+def label_loss(probs, labels) -> np.ndarray:
+    """Returns the cross-entropy (N,) float64 of probabilities (N, C) at labels (N,), -log p clipped at 1e-300."""
+    probs = np.asarray(probs, np.float64)
+    return -np.log(np.maximum(probs[np.arange(len(probs)), np.asarray(labels)], 1e-300))
+
+
 def unit_rows(X) -> np.ndarray:
     """Returns the rows of X (N, D) scaled to unit length (the geometry of the cosine similarities)."""
     X = np.asarray(X, np.float64)

@@ -31,7 +31,7 @@ import time
 import numpy as np
 
 from . import data, files, labels as label_edits, trajectory
-from .analysis import softmax64
+from .analysis import label_loss, softmax64
 from .errors import UserError
 
 METHODS = ("margin", "loss", "aum", "tracin", "tracin-proj")
@@ -77,8 +77,7 @@ def scores(outputs: list[dict], rates, labels, methods, projected: list[dict] | 
             result[method] = sum(eta * np.sum(np.asarray(o["gw"], np.float64) ** 2, axis=1)
                                  for eta, o in zip(rates, projected))
         elif method == "loss":
-            p = softmax64(outputs[-1]["logits"])
-            result[method] = -np.log(np.maximum(p[np.arange(labels.size), labels], 1e-300))
+            result[method] = label_loss(softmax64(outputs[-1]["logits"]), labels)
         elif method == "margin":
             result[method] = -margins(outputs[-1]["logits"], labels)
         elif method == "aum":

@@ -30,7 +30,7 @@ import time
 import numpy as np
 
 from . import audit_bench, checkpoint, data, explain, files, labels as label_edits, train
-from .analysis import softmax64
+from .analysis import label_loss, softmax64
 from .errors import UserError
 
 ARMS = ("proponents", "random", "reorder", "high-loss")
@@ -46,18 +46,12 @@ def held_out_probs(ckpt_dir: str, config: train.TrainConfig) -> tuple[np.ndarray
     return audit_bench.predict_probs(ckpt_dir, test_set, np.arange(len(test_set))), np.asarray(test_set.labels)
 
 
-def _loss_at(probs: np.ndarray, rows: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Returns the cross-entropy (len(rows),) of the held-out rows at the given labels."""
-    return -np.log(np.maximum(probs[rows, labels], 1e-300))
-
-
 def removal_sets(result: dict, k: int, seed: int, proponents: np.ndarray | None = None) -> dict:
     """Returns {arm: sorted training indices to remove} for the K of one attribution `result`, its
     proponents (M, >= K) or those given ("reorder" does not depend on K)."""
     chosen = np.unique((result["proponents"] if proponents is None else proponents)[:, :k])
     n_train = len(result["train_labels"])
-    p = softmax64(result["train_outputs"][-1]["logits"])
-    loss = -np.log(np.maximum(p[np.arange(n_train), result["train_labels"]], 1e-300))
+    loss = label_loss(softmax64(result["train_outputs"][-1]["logits"]), result["train_labels"])
     return {"proponents": chosen,
             "random": np.sort(np.random.default_rng([seed, k]).choice(n_train, chosen.size, replace=False)),
             "reorder": np.random.default_rng([seed, 0]).choice(n_train, 1),
@@ -118,11 +112,6 @@ def run(out_dir: str, *, seeds=(0, 1, 2), ks=(10, 20), model: str = "resnet18", 
         store = os.path.join(out_dir, f"seed{seed}", "train-store")
         result = explain.explain(base_dir, errors_only=True, top=max(ks), method=method, kind=kinds[0],
                                  project_dim=project_dim, seed=seed, store=store, progress=progress)
-        proponents = {kinds[0]: result["proponents"]}
-        for kind in kinds[1:]:
-            proponents[kind] = explain.top_influences(result["test_outputs"], result["train_outputs"],
-                                                      result["trajectory"].learning_rates, method, result["predicted"],
-                                                      result["train_labels"], max(ks), kind=kind)[0][0]
         if not result["reused_store"]:
             explain.save_store(store, result["store_key"], result["train_outputs"])
         attribution_seconds = time.perf_counter() - started  # with a reused store: the test side only
@@ -133,12 +122,15 @@ def run(out_dir: str, *, seeds=(0, 1, 2), ks=(10, 20), model: str = "resnet18", 
                                  "attribution_epochs": round(attribution_seconds / epoch_seconds, 2),
                                  "base_accuracy": float(np.mean(pred == true)),
                                  "attribution_parts": {k: round(v, 1) for k, v in result["seconds"].items()}})
-        bases[seed] = (config, result, proponents, pred, true, errors)
-        base_loss[seed] = _loss_at(base_probs, errors, pred[errors])
+        base_loss[seed] = label_loss(base_probs[errors], pred[errors])
         all_scores[seed] = {kind: explain.influence(result["test_outputs"], result["train_outputs"],
                                                     result["trajectory"].learning_rates, method, result["predicted"],
                                                     result["train_labels"], kind=kind)
                             for kind in explain.INFLUENCES if kind != "fisher" or method == "proj"}
+        # the other kinds' proponents from these scores: a stable sort ranks ties as top_influences does
+        proponents = {kind: result["proponents"] if kind == kinds[0] else
+                      np.argsort(-all_scores[seed][kind], axis=1, kind="stable")[:, :max(ks)] for kind in kinds}
+        bases[seed] = (config, result, proponents, pred, true, errors)
         files.write_json(path, summary)
     for k in ks:
         for arm in arms:
@@ -160,7 +152,7 @@ def run(out_dir: str, *, seeds=(0, 1, 2), ks=(10, 20), model: str = "resnet18", 
                               label_edits=edits, keep_epochs=str(config.epochs))
                     probs, _ = held_out_probs(run_dir, config)
                     now = probs.argmax(1)
-                    changes[seed].append((removed, _loss_at(probs, errors, pred[errors]) - base_loss[seed]))
+                    changes[seed].append((removed, label_loss(probs[errors], pred[errors]) - base_loss[seed]))
                     summary["runs"].append({"seed": seed, "k": None if arm == "reorder" else k, "arm": arm,
                                             "influence": kind if arm in ("proponents", "random") else None,
                                             "removed": int(removed.size), "errors": int(errors.size),
