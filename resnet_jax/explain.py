@@ -38,6 +38,7 @@ proponents and opponents with their labels) under figures/.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -227,7 +228,12 @@ def explain(ckpt_dir: str, train_spec: str | None = None, test_spec: str | None 
         raise UserError(f"--top {top} is more than the {len(train_view)} training images: pass at most {len(train_view)}")
     seconds = {}
     started = time.perf_counter()
-    test_fwd, _ = trajectory.checkpoint_outputs(traj, test_ds, test_ds.labels, batch_size=batch_size, progress=progress)
+    ckpts = trajectory.load_checkpoints(traj)
+    # which images are errors: the newest checkpoint's forward (--method fc scores every checkpoint's)
+    forward_traj = traj if method == "fc" else dataclasses.replace(traj, steps=traj.steps[-1:],
+                                                                   learning_rates=traj.learning_rates[-1:])
+    test_fwd, _ = trajectory.checkpoint_outputs(forward_traj, test_ds, test_ds.labels, batch_size=batch_size,
+                                                progress=progress, checkpoints=ckpts[-len(forward_traj.steps):])
     test_pred = np.argmax(test_fwd[-1]["logits"], axis=1).astype(np.int32)
     true = np.asarray(test_ds.labels, np.int32)
     chosen = np.flatnonzero(test_pred != true) if errors_only else np.arange(len(test_ds))
@@ -244,13 +250,13 @@ def explain(ckpt_dir: str, train_spec: str | None = None, test_spec: str | None 
     kwargs = {"project_params": project_params, "project_dim": project_dim, "seed": seed} if method == "proj" else {}
     if train_outs is None:
         train_outs, _ = trajectory.checkpoint_outputs(traj, train_view, train_view.labels, batch_size=batch_size,
-                                                      progress=progress, **kwargs)
+                                                      progress=progress, checkpoints=ckpts, **kwargs)
     seconds["train_gradients" if method == "proj" else "train_forward"] = time.perf_counter() - started
     started = time.perf_counter()
     if method == "proj":
         view = label_edits.LabelView(test_ds, chosen, test_pred[chosen])
         test_outs, _ = trajectory.checkpoint_outputs(traj, view, test_pred[chosen], batch_size=batch_size,
-                                                     progress=progress, **kwargs)
+                                                     progress=progress, checkpoints=ckpts, **kwargs)
     else:
         test_outs = [{k: v[chosen] for k, v in out.items()} for out in test_fwd]
     seconds["test_gradients" if method == "proj" else "test_select"] = time.perf_counter() - started

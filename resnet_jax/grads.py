@@ -344,12 +344,14 @@ class GradFn:
             return D + biggest
         return total + self.proj.dim
 
-    def __call__(self, images, labels=None, ids=None) -> dict:
-        return self.collect(self.launch(self.put(images, labels, lazy=True)), ids)
+    def __call__(self, images, labels=None, ids=None, *, pad_to: int | None = None) -> dict:
+        return self.collect(self.launch(self.put(images, labels, lazy=True, pad_to=pad_to)), ids)
 
-    def put(self, images, labels=None, *, lazy: bool = False) -> "Placed":
+    def put(self, images, labels=None, *, lazy: bool = False, pad_to: int | None = None) -> "Placed":
         """Checks a batch and transfers it to the devices, in chunks of the step's size (the last
         padded by repeating its last example); `lazy` defers each chunk's transfer to its launch.
+        `pad_to`: the batch size of a stream; a smaller batch (its last) is cut and padded as one of
+        that size would be, so that every batch of the stream runs the same compiled step.
         Thread-safe: a prefetching thread can place the next batch while this one computes."""
         images = np.asarray(images, np.float32)
         if images.ndim != 4:
@@ -370,8 +372,9 @@ class GradFn:
         cfg, mb = self.plan(images.shape[1:])
         nd = self.n_devices
         group = nd * mb
-        chunks = max(1, -(-n // group))
-        size = -(-n // chunks)
+        rows = max(n, int(pad_to or 0))
+        chunks = max(1, -(-rows // group))
+        size = -(-rows // chunks)
         size = -(-size // nd) * nd
 
         def chunk(start):

@@ -57,6 +57,11 @@ def load(directory: str, steps=None) -> Trajectory:
     return Trajectory(directory, found, np.ones(len(found)), "uniform", meta)
 
 
+def load_checkpoints(traj: Trajectory) -> list:
+    """Returns the checkpoints of `traj`, one per step (`checkpoint.load`)."""
+    return [checkpoint.load(traj.directory, step) for step in traj.steps]
+
+
 def _forward_fn(model):
     """Returns jit(f)(variables, images) -> (logits (B, C), pooled features (B, d)), eval mode."""
     def forward(variables, images):
@@ -66,14 +71,16 @@ def _forward_fn(model):
 
 
 def checkpoint_outputs(traj: Trajectory, ds, labels, *, project_params: str | None = None, project_dim: int = 1024,
-                       seed: int = 0, batch_size: int = 64, progress: bool = True) -> tuple[list[dict], dict]:
+                       seed: int = 0, batch_size: int = 64, progress: bool = True,
+                       checkpoints: list | None = None) -> tuple[list[dict], dict]:
     """Runs every image of `ds` (unshuffled order) through every checkpoint of `traj`.
 
     Returns (outputs, seconds): outputs[t] = {"logits": (N, C), "features": (N, d)} float32 and,
     with `project_params` (e.g. "all"), "gw": (N, project_dim), the seeded random projection
     (`grads.GradFn`, the same projection at every checkpoint) of the per-example gradient of the
     loss at `labels` (N,) with respect to those parameters; seconds = {"load", "forward" or
-    "projected"}, the wall time of each part.
+    "projected"}, the wall time of each part. `checkpoints`: those of `traj`, already loaded
+    (`load_checkpoints`), for a caller that runs several sets of images.
     """
     from tqdm.auto import tqdm
 
@@ -81,7 +88,7 @@ def checkpoint_outputs(traj: Trajectory, ds, labels, *, project_params: str | No
     if labels.shape != (len(ds),):
         raise UserError(f"{labels.shape[0]} labels for {len(ds)} images: pass one label per image")
     started = time.perf_counter()
-    ckpts = [checkpoint.load(traj.directory, step) for step in traj.steps]
+    ckpts = load_checkpoints(traj) if checkpoints is None else checkpoints
     model = ckpts[0].model
     seconds = {"load": time.perf_counter() - started}
     started = time.perf_counter()
@@ -94,15 +101,19 @@ def checkpoint_outputs(traj: Trajectory, ds, labels, *, project_params: str | No
     outputs = [{} for _ in ckpts]
     bar = tqdm(total=n * len(ckpts), unit="img", disable=not progress, leave=False,
                desc="projected gradients" if project_params else "forward")
+    stream = n > batch_size  # pad the last batch to the others' size: one compiled step for all
     offset = 0
     for batch in ds.batches(batch_size):
         rows = slice(offset, offset + len(batch.labels))
         for t, ckpt in enumerate(ckpts):
             if project_params is None:
-                logits, features = (np.asarray(a) for a in forward(ckpt.variables, batch.images))
+                images, real = batch.images, len(batch.labels)
+                if stream and real < batch_size:
+                    images = np.concatenate([images, np.repeat(images[-1:], batch_size - real, 0)])
+                logits, features = (np.asarray(a)[:real] for a in forward(ckpt.variables, images))
                 got = {"logits": logits, "features": features}
             else:
-                res = fns[t](batch.images, labels[rows], batch.ids)
+                res = fns[t](batch.images, labels[rows], batch.ids, pad_to=batch_size if stream else None)
                 got = {"logits": res["logits"], "features": res["fm"], "gw": res["gw"]}
             for key, value in got.items():
                 if key not in outputs[t]:
