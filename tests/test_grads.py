@@ -268,6 +268,20 @@ def test_micro_batches_give_the_same_rows():
 
 
 @pytest.mark.device
+def test_pad_to_cuts_a_short_batch_as_a_full_one():
+    full = run("fc")["gw"]
+    fn = grads.build(MODEL, VARIABLES, params="fc")
+    placed = fn.put(IMAGES[:3], LABELS[:3], pad_to=B)
+    assert [c[0].shape[0] for c in placed.chunks] == [fn.put(IMAGES, LABELS).chunks[0][0].shape[0]]
+    assert rel(fn(IMAGES[:3], LABELS[:3], pad_to=B)["gw"], full[:3]) < 1e-6
+    small = grads.build(MODEL, VARIABLES, params="fc", max_grad_floats=2 * (512 * C + C))  # 2 per step
+    placed = small.put(IMAGES[:3], LABELS[:3], pad_to=B)
+    assert [(c[0].shape[0], c[3]) for c in placed.chunks] == [(2, 2), (2, 1)]
+    out = small(IMAGES[:3], LABELS[:3], IDS[:3], pad_to=B)
+    assert out["gw"].shape == (3, 512 * C + C) and rel(out["gw"], full[:3]) < 1e-6
+
+
+@pytest.mark.device
 def test_nan_names_the_images():
     bad = IMAGES.copy()
     bad[3, 10, 10, 0] = np.nan  # (XLA:CPU's relu may squash it: images are checked too)
