@@ -98,11 +98,14 @@ def explain_cmd(ckpt_dir, train_spec, test_spec, errors_only, top, kind, method,
 @click.option("--arms", default="proponents,random,reorder,high-loss", show_default=True,
               help="Comma-separated removals to retrain: proponents, random, reorder (one random image: the noise "
                    "floor), high-loss.")
+@click.option("--removal", type=click.Choice(["retrain", "mask"]), default="retrain", show_default=True,
+              help="retrain: without the removed images (every epoch's batches change); mask: the images stay in "
+                   "their batches with zero loss weight (the base run's batches, same order).")
 @click.option("--out", "out_dir", default="bench-explain", show_default=True,
               help="Directory of the runs (each resumes) and bench-explain.json.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def bench_explain_cmd(model, data_spec, epochs, batch_size, seeds, ks, kinds, method, project_dim, arms, out_dir,
-                      quiet):
+def bench_explain_cmd(model, data_spec, epochs, batch_size, seeds, ks, kinds, method, project_dim, arms, removal,
+                      out_dir, quiet):
     """Counterfactual check: retrain without each error's top-K proponents, vs random and high-loss removal."""
     seeds, ks = _ints(seeds, "seeds"), _ints(ks, "top")
     files.check_out_dir(out_dir, "--out", MIN_FREE_BYTES)
@@ -114,5 +117,5 @@ def bench_explain_cmd(model, data_spec, epochs, batch_size, seeds, ks, kinds, me
                                    batch_size=batch_size, method=method,
                                    kinds=tuple(k.strip() for k in kinds.split(",") if k.strip()), project_dim=project_dim,
                                    arms=tuple(a.strip() for a in arms.split(",") if a.strip()),
-                                   progress=not quiet, log=click.echo)
+                                   removal=removal, progress=not quiet, log=click.echo)
     click.echo(tables.markdown_table(result["table"], list(result["table"][0]), 3))

@@ -9,7 +9,10 @@ for each K, remove from the training set
 and once per seed
     reorder      one random training image (default_rng([seed, 0])): nothing of consequence is
                  removed, but every epoch's batches change; the noise floor of retraining,
-retrain with the same seed and recipe, and count how many of the original errors the retrained
+retrain with the same seed and recipe (`removal="retrain"`: without the images, so every epoch's
+batches change; `removal="mask"`: the images stay in their batches with zero weight in the loss,
+so the batches are those of the base run and `reorder` measures the floor of masking one random
+image), and count how many of the original errors the retrained
 model now classifies correctly ("fixed"), the new errors and the held-out accuracy. Every
 retraining also measures how each error's loss at its predicted label changed; per influence kind
 (all of them, whichever chose the removals), "removal_correlation" is the mean Spearman correlation
@@ -20,7 +23,8 @@ priority first: all base runs, then per K (in the order given) and arm, every se
 cut short has the first K of every seed. Every run resumes from its directory under `out_dir`
 (and each base run's training store, `seedS/train-store`); bench-explain.json is rewritten
 after every retraining. A run's directory is seedS/k{K}-{arm}, with -{kind} added for kinds other than
-relatif (high-loss: the first kind, whose count it takes), and seedS/reorder.
+relatif (high-loss: the first kind, whose count it takes), and seedS/reorder; with
+`removal="mask"` every retraining's directory ends in -masked.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ from .analysis import label_loss, softmax64
 from .errors import UserError
 
 ARMS = ("proponents", "random", "reorder", "high-loss")
+REMOVALS = ("retrain", "mask")
 BENCH_FORMAT = "resnet-jax-bench-explain/1"
 
 
@@ -58,16 +63,15 @@ def removal_sets(result: dict, k: int, seed: int, proponents: np.ndarray | None 
             "high-loss": np.sort(np.argsort(-loss, kind="stable")[:chosen.size])}
 
 
-def _run_name(arm: str, k: int, kind: str) -> str:
+def _run_name(arm: str, k: int, kind: str, removal: str = REMOVALS[0]) -> str:
     """Returns the directory of one retraining under seedS/ (module docstring)."""
-    if arm == "reorder":
-        return arm
-    return f"k{k}-{arm}" + ("" if kind == explain.INFLUENCES[0] else f"-{kind}")
+    name = arm if arm == "reorder" else f"k{k}-{arm}" + ("" if kind == explain.INFLUENCES[0] else f"-{kind}")
+    return name + ("-masked" if removal == "mask" else "")
 
 
 def run(out_dir: str, *, seeds=(0, 1, 2), ks=(10, 20), model: str = "resnet18", data_spec: str = "digits",
         epochs: int = 6, batch_size: int = 64, method: str = "proj", kinds=(explain.INFLUENCES[0],),
-        project_dim: int = 1024, arms=ARMS, progress: bool = True, log=print) -> dict:
+        project_dim: int = 1024, arms=ARMS, removal: str = REMOVALS[0], progress: bool = True, log=print) -> dict:
     """Runs the counterfactual check; returns the summary written to out_dir/bench-explain.json."""
     from metrics.attribution import spread
 
@@ -81,12 +85,14 @@ def run(out_dir: str, *, seeds=(0, 1, 2), ks=(10, 20), model: str = "resnet18", 
         raise UserError(f"--influence takes distinct kinds from {', '.join(explain.INFLUENCES)}, got {', '.join(kinds)}")
     for kind in kinds:
         explain.check_kind(kind, method)
+    if removal not in REMOVALS:
+        raise UserError(f"unknown removal {removal!r}: choose one of {', '.join(REMOVALS)}")
     files.check_ours(out_dir, "bench-explain.json", BENCH_FORMAT)
     os.makedirs(out_dir, exist_ok=True)
     summary = {"format": BENCH_FORMAT,
                "config": {"model": model, "data": data_spec, "epochs": epochs, "batch_size": batch_size,
                           "method": method, "influence": list(kinds), "project_dim": project_dim, "seeds": list(seeds),
-                          "ks": list(ks), "arms": list(arms)},
+                          "ks": list(ks), "arms": list(arms), "removal": removal},
                "runs": [], "seeds": []}
     path = os.path.join(out_dir, "bench-explain.json")
     files.write_json(path, summary)  # first: marks the directory as ours, so that a run cut short resumes
@@ -140,14 +146,14 @@ def run(out_dir: str, *, seeds=(0, 1, 2), ks=(10, 20), model: str = "resnet18", 
                         continue
                     config, result, proponents, pred, true, errors = bases[seed]
                     removed = removal_sets(result, k, seed, proponents[kind])[arm]
-                    name = _run_name(arm, k, kind)
+                    name = _run_name(arm, k, kind, removal)
                     if arm == "random" and kind != kinds[0] and removed.size == removal_sets(
                             result, k, seed, proponents[kinds[0]])[arm].size:
                         continue  # the same draw as the first kind's
                     run_dir = os.path.join(out_dir, f"seed{seed}", name)
                     log(f"seed {seed}, K = {k}: retraining without {removed.size} images ({name})")
-                    ids = result["train"].ids
-                    edits = label_edits.LabelEdits(remove=tuple(ids[i] for i in removed))
+                    ids = tuple(result["train"].ids[i] for i in removed)
+                    edits = label_edits.LabelEdits(**{"remove" if removal == "retrain" else "mask": ids})
                     train.fit(config, run_dir, progress=False, log=lambda s: log(f"  {name}: {s}"), held_out=False,
                               label_edits=edits, keep_epochs=str(config.epochs))
                     probs, _ = held_out_probs(run_dir, config)

@@ -28,13 +28,16 @@ HELD_OUT_SPLITS = ("test", "validation", "val")
 
 @dataclass(frozen=True)
 class LabelEdits:
-    """What to change in the training labels; `relabel` pairs (image id, new label)."""
+    """What to change in the training labels; `relabel` pairs (image id, new label); `remove` drops
+    images from the training set; `mask` keeps images in their batches with zero weight in the loss
+    (a removal that leaves every batch as it was: same images, same order)."""
 
     noise_rate: float = 0.0
     noise_seed: int = 0
     noise_kind: str = "symmetric"
     relabel: tuple[tuple[str, int], ...] = ()
     remove: tuple[str, ...] = ()
+    mask: tuple[str, ...] = ()
 
     def __post_init__(self):
         if not 0 <= self.noise_rate < 1:
@@ -47,7 +50,7 @@ class LabelEdits:
 
     @property
     def empty(self) -> bool:
-        return self.noise_rate == 0 and not self.relabel and not self.remove
+        return self.noise_rate == 0 and not self.relabel and not self.remove and not self.mask
 
 
 def inject_noise(labels, num_classes: int, rate: float, seed: int = 0, kind: str = "symmetric"):
@@ -66,7 +69,8 @@ def inject_noise(labels, num_classes: int, rate: float, seed: int = 0, kind: str
 
 def apply(ds, edits: LabelEdits | None):
     """Returns (view, record): `ds` with the edited labels and without the removed images, and the
-    JSON record of the edits (None, with `ds` itself, when there are none)."""
+    JSON record of the edits (None, with `ds` itself, when there are none); masked images stay in
+    the view, named by record["masked"] (`masked_rows`)."""
     if edits is None or edits.empty:
         return ds, None
     if edits.noise_rate > 0 and ds.split in HELD_OUT_SPLITS:
@@ -94,7 +98,18 @@ def apply(ds, edits: LabelEdits | None):
         if keep.size == 0:
             raise UserError(f"removing {len(removed)} images leaves none of {ds.spec} to train on")
         record["removed"] = sorted(edits.remove)
+    if edits.mask:
+        for image_id in edits.mask:
+            _position(position, image_id, ds)
+        record["masked"] = sorted(edits.mask)
     return LabelView(ds, keep, labels[keep]), record
+
+
+def masked_rows(ds, record: dict | None) -> np.ndarray | None:
+    """Returns a (N,) bool array marking the images of `ds` that `record` masks, or None."""
+    if not record or not record.get("masked"):
+        return None
+    return np.isin(np.asarray(ds.ids), np.asarray(record["masked"]))
 
 
 def _position(position: dict, image_id: str, ds) -> int:

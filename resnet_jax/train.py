@@ -132,21 +132,26 @@ def smoothed_cross_entropy(logits, labels, smoothing: float):
 
 
 def make_train_step(model: models.ResNet, tx: optax.GradientTransformation, loss_fn=None, label_smoothing: float = 0.0):
-    """Returns jit(step)(params, batch_stats, opt_state, images, labels, rng) ->
+    """Returns jit(step)(params, batch_stats, opt_state, images, labels, rng, weights=None) ->
     (params, batch_stats, opt_state, metrics) with train-mode BatchNorm.
 
+    `weights` (B,): the loss is sum(w * loss) / max(sum(w), 1) instead of the mean (a zero weight
+    masks an image out of the loss; it still enters the batch's BatchNorm statistics).
     `loss_fn(params, batch_stats, images, labels, rng) -> (loss, (batch_stats, logits, aux))`
-    replaces plain (optionally label-smoothed) cross-entropy (the gradient-alignment loss plugs in here).
+    replaces plain (optionally label-smoothed) cross-entropy (the gradient-alignment loss plugs in
+    here; it takes no weights).
     """
     if loss_fn is None:
-        def loss_fn(params, batch_stats, images, labels, rng):
+        def loss_fn(params, batch_stats, images, labels, rng, weights=None):
             logits, _, new_stats = models.apply(model, {"params": params, "batch_stats": batch_stats}, images,
                                                 train=True)
-            return smoothed_cross_entropy(logits, labels, label_smoothing).mean(), (new_stats, logits, {})
+            losses = smoothed_cross_entropy(logits, labels, label_smoothing)
+            loss = losses.mean() if weights is None else jnp.sum(weights * losses) / jnp.maximum(jnp.sum(weights), 1.0)
+            return loss, (new_stats, logits, {})
 
-    def step(params, batch_stats, opt_state, images, labels, rng):
+    def step(params, batch_stats, opt_state, images, labels, rng, weights=None):
         (loss, (new_stats, logits, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            params, batch_stats, images, labels, rng)
+            params, batch_stats, images, labels, rng, *(() if weights is None else (weights,)))
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels), **aux}
@@ -211,7 +216,7 @@ def fit(config: TrainConfig, out_dir: str, progress: bool = True, log=print, hel
     "target_accuracy", "seconds"}, as stored in the checkpoint metadata. Held-out accuracy is measured after
     every epoch; `held_out=False` skips it (None in the records), for callers that run the held-out split
     through the model themselves. `label_edits` (noise, relabelled or removed images) change the training
-    labels; what changed is recorded in the metadata (`label_edits`). Every epoch's record holds its mean
+    labels (masked images stay in their batches with zero loss weight); what changed is recorded in the metadata (`label_edits`). Every epoch's record holds its mean
     learning rate (TracIn's step size). `keep_epochs`: the epochs whose checkpoints are kept, "all", or
     None for the default: all of them when the labels are edited, else the newest two.
     """
@@ -227,6 +232,10 @@ def fit(config: TrainConfig, out_dir: str, progress: bool = True, log=print, hel
     test_set = data.load(kind if arg is None else f"{kind}:{arg}", image_size=train_set.image_size,
                          normalization=normalization, default_split="test", seed=config.seed)
     train_set, edits_record = labels.apply(train_set, label_edits)
+    masked = labels.masked_rows(train_set, edits_record)
+    if masked is not None and (config.grad_align > 0 or config.grad_mi > 0):
+        raise UserError("masked images need the plain cross-entropy: drop --grad-align / --grad-mi, or remove "
+                        "the images instead of masking them")
     keep, wanted = _keep_policy(keep_epochs, edits_record is not None)
     _check_training_data(train_set, config.batch_size)
     if config.validation_fraction > 0 and not train_set.random_access:
@@ -247,7 +256,8 @@ def fit(config: TrainConfig, out_dir: str, progress: bool = True, log=print, hel
         for i in range(0, len(val_idx), 128):
             yield train_set.take(val_idx[i:i + 128])
 
-    stats_idx = train_idx[np.random.default_rng(config.seed).permutation(len(train_idx))[:config.precise_bn_images]]
+    stats_idx = train_idx[np.random.default_rng(config.seed).permutation(len(train_idx))]
+    stats_idx = (stats_idx if masked is None else stats_idx[~masked[stats_idx]])[:config.precise_bn_images]
     stats_images = [train_set.take(stats_idx[i:i + config.batch_size]).images
                     for i in range(0, len(stats_idx) - config.batch_size + 1, config.batch_size)]
     model = precisions.with_precision(models.create(config.model, train_set.num_classes, config.stem),
@@ -283,23 +293,23 @@ def fit(config: TrainConfig, out_dir: str, progress: bool = True, log=print, hel
         version = epoch if redraw else None
         if loss_fn is None:
             order = batch_indices(len(train_idx), config.batch_size, 0, True, config.seed * 1000 + epoch, True)
-            batches = (train_set.take(train_idx[idx], redraw=version) for idx in order)
         else:  # class-balanced, so that every batch holds same-class pairs
             from .align import balanced_batches
-            batches = (train_set.take(train_idx[idx], redraw=version) for idx in balanced_batches(
-                train_set.labels[train_idx], config.batch_size, _images_per_class(config, train_set.num_classes),
-                seed=config.seed, epoch=epoch))
+            order = balanced_batches(train_set.labels[train_idx], config.batch_size,
+                                     _images_per_class(config, train_set.num_classes), seed=config.seed, epoch=epoch)
+        batches = ((train_idx[idx], train_set.take(train_idx[idx], redraw=version)) for idx in order)
         last_val = history[-1].get("validation_accuracy") if history else None
         status = {} if target is None else {"val": "-" if last_val is None else f"{last_val:.3f}", "target": target}
         bar = tqdm(itertools.islice(batches, steps_per_epoch), total=steps_per_epoch,
                    desc=f"{config.model} epoch {epoch + 1}/{config.epochs}", unit="batch", disable=not progress,
                    leave=False)
         losses, accs, extras = [], [], {}
-        for i, batch in enumerate(bar):
+        for i, (rows, batch) in enumerate(bar):
             step_rng = jax.random.fold_in(epoch_rng, i)
             images = random_shift(jnp.asarray(batch.images), step_rng, config.augment_shift)
+            weights = () if masked is None else (jnp.asarray(~masked[rows], jnp.float32),)
             params, batch_stats, opt_state, metrics = train_step(params, batch_stats, opt_state, images,
-                                                                 jnp.asarray(batch.labels), step_rng)
+                                                                 jnp.asarray(batch.labels), step_rng, *weights)
             loss = float(metrics["loss"])
             if not math.isfinite(loss):
                 kept = (f"the last good checkpoint in {out_dir} (epoch {epoch}) is kept" if epoch > 0

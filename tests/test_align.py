@@ -335,3 +335,46 @@ def test_tiny_train_step_runs_and_learns():
         first = first or {k: float(v) for k, v in metrics.items()}
     assert first["n_pairs"] == 18 and float(metrics["n_pairs"]) == 18
     assert np.isfinite(float(metrics["loss"])) and float(metrics["loss"]) < first["loss"]
+
+
+def test_zero_weight_masks_an_image_out_of_the_loss_not_the_batch():
+    """make_train_step's weights (the masked removal of `bench explain --removal mask`): the loss is the
+    mean over the unmasked images (checked against a numpy cross-entropy of the train-mode logits), a
+    masked image's label changes nothing, its pixels still do (BatchNorm statistics), and weights of
+    one equal the plain mean."""
+    model = Tiny()
+    rs = np.random.default_rng(1)
+    variables = jax.tree_util.tree_map(
+        lambda s: jnp.asarray(0.3 * rs.normal(size=s.shape), jnp.float32),
+        jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 6, 6, 3), jnp.float32)))
+    stats = jax.tree_util.tree_map(jnp.abs, variables["batch_stats"])
+    tx = optax.sgd(0.1)
+    step = train.make_train_step(model, tx)
+    images = np.asarray(rs.normal(size=(12, 6, 6, 3)), np.float32)
+    labels = np.repeat(np.arange(3), 4).astype(np.int32)
+    weights = np.ones(12, np.float32)
+    weights[[1, 7]] = 0
+
+    def run(x, y, *w):
+        copy = jax.tree_util.tree_map(jnp.array, (variables["params"], stats))  # the step donates its inputs
+        params, _, _, metrics = step(copy[0], copy[1], tx.init(copy[0]), jnp.asarray(x), jnp.asarray(y),
+                                     jax.random.key(0), *map(jnp.asarray, w))
+        return params, float(metrics["loss"])
+
+    masked, loss = run(images, labels, weights)
+    logits, _, _ = models.apply(model, {"params": variables["params"], "batch_stats": stats}, jnp.asarray(images),
+                                train=True)
+    z = np.asarray(logits, np.float64)
+    per_image = np.log(np.exp(z).sum(1)) - z[np.arange(12), labels]
+    assert loss == pytest.approx(per_image[weights > 0].mean(), rel=1e-5)
+    relabelled = labels.copy()
+    relabelled[[1, 7]] = (labels[[1, 7]] + 1) % 3
+    same = run(images, relabelled, weights)[0]
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), masked, same)
+    moved = images.copy()
+    moved[1] += 1.0  # a masked image still enters its batch's BatchNorm statistics
+    diff = jax.tree_util.tree_map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), masked,
+                                  run(moved, labels, weights)[0])
+    assert max(jax.tree_util.tree_leaves(diff)) > 1e-4
+    plain, ones = run(images, labels)[0], run(images, labels, np.ones(12, np.float32))[0]
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6), plain, ones)

@@ -19,7 +19,7 @@ import pytest
 
 from helpers import assert_one_line_error, make_folder, run_cli
 from metrics import detection
-from resnet_jax import audit, checkpoint, data, labels, models, params, projection, trajectory
+from resnet_jax import audit, checkpoint, data, labels, models, params, projection, train, trajectory
 from resnet_jax.bench import random_variables
 from resnet_jax.errors import UserError
 
@@ -72,6 +72,13 @@ def test_noise_recorded_read_back_and_batched(tiny_folder):
     assert record2["noise"] == record["noise"] and len(view2) == len(ds) - 3
     assert not set(gone) & set(view2.ids)
     assert view2.take([2]).labels[0] == 2 and view2.ids[2] == ds.ids[5]
+    # masking keeps every image (and so every shuffled batch) and names the masked ones
+    view3, record3 = labels.apply(ds, labels.LabelEdits(mask=(ds.ids[4], ds.ids[0])))
+    assert list(view3.ids) == list(ds.ids) and record3 == {"noise": record3["noise"], "masked": sorted(ds.ids[i] for i in (0, 4))}
+    np.testing.assert_array_equal(np.flatnonzero(labels.masked_rows(view3, record3)), [0, 4])
+    assert labels.masked_rows(view2, record2) is None
+    with pytest.raises(UserError, match="not in"):
+        labels.apply(ds, labels.LabelEdits(mask=("nope",)))
     held_out = data.load(f"folder:{tiny_folder}", image_size=SIZE, default_split="test")
     with pytest.raises(UserError, match="held-out split"):
         labels.apply(held_out, edits)
@@ -186,6 +193,15 @@ def test_scores_match_a_per_sample_grad_loop(trajectory_case):
 
 
 # ----------------------------------------------------------------------------- the CLI
+
+
+def test_masking_needs_the_plain_loss(tiny_folder, tmp_path):
+    ds = data.load(f"folder:{tiny_folder}", image_size=SIZE, default_split="train")
+    config = train.TrainConfig(data=f"folder:{tiny_folder}", image_size=SIZE, stem="small", epochs=1, batch_size=4,
+                               validation_fraction=0.0, grad_align=1.0)
+    with pytest.raises(UserError, match="masked images need the plain cross-entropy"):
+        train.fit(config, str(tmp_path / "run"), progress=False, label_edits=labels.LabelEdits(mask=(ds.ids[0],)))
+    assert not (tmp_path / "run").exists()
 
 
 def test_train_with_noise_then_audit(tiny_folder, tmp_path, capsys):

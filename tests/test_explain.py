@@ -353,7 +353,8 @@ def test_removal_correlation_against_hand_ranks():
                                             (["--arms", "proponents,bogus"], "unknown arm 'bogus'"),
                                             (["--influence", "relatif,bogus"], "--influence"),
                                             (["--influence", "relatif,relatif"], "--influence"),
-                                            (["--influence", "fisher", "--method", "fc"], "--method proj")])
+                                            (["--influence", "fisher", "--method", "fc"], "--method proj"),
+                                            (["--removal", "bogus"], "--removal")])
 def test_bench_explain_bad_options(args, fragment, tmp_path, capsys):
     out = str(tmp_path / "b")
     code, _, err = run_cli(["bench", "explain", *args, "--out", out, "--quiet"], capsys)
