@@ -297,7 +297,10 @@ def test_sigint_during_the_first_compile_exits_130(tiny_ckpt, tiny_folder, tmp_p
     proc = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "resnet-jax"), "extract", "--ckpt",
                              tiny_ckpt, "--data", f"folder:{tiny_folder}:all", "--grad-params", "all",
                              "--project-dim", "256", "--out", str(out), "--quiet"],
-                            env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+                            env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            # a suite started in the background (`cmd &`) inherits SIGINT ignored, and so would the
+                            # command: give it the default disposition, as a terminal's Ctrl-C finds it
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     log = []
     for line in proc.stderr:  # the per-example step's compile starts after its MLIR conversion
         log.append(line)
