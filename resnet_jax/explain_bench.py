@@ -151,7 +151,8 @@ def run(out_dir: str, *, seeds=(0, 1, 2), ks=(10, 20), model: str = "resnet18", 
                             result, k, seed, proponents[kinds[0]])[arm].size:
                         continue  # the same draw as the first kind's
                     run_dir = os.path.join(out_dir, f"seed{seed}", name)
-                    log(f"seed {seed}, K = {k}: retraining without {removed.size} images ({name})")
+                    log(f"seed {seed}, K = {k}: retraining {'without' if removal == 'retrain' else 'masking'} "
+                        f"{removed.size} images ({name})")
                     ids = tuple(result["train"].ids[i] for i in removed)
                     edits = label_edits.LabelEdits(**{"remove" if removal == "retrain" else "mask": ids})
                     train.fit(config, run_dir, progress=False, log=lambda s: log(f"  {name}: {s}"), held_out=False,

@@ -24,7 +24,8 @@ from PIL import Image
 
 from helpers import assert_one_line_error, make_folder, per_sample_grads, run_cli
 from metrics.attribution import RunningTop, proponent_summary, removal_correlation
-from resnet_jax import audit_bench, checkpoint, data, explain, labels, models, params, projection, trajectory
+from resnet_jax import (audit_bench, checkpoint, data, explain, explain_bench, labels, models, params, projection,
+                        trajectory)
 from resnet_jax.bench import random_variables
 from resnet_jax.errors import UserError
 from resnet_jax.losses import cross_entropy
@@ -281,7 +282,6 @@ def test_cli_explains_and_refuses_bad_input(learned, tmp_path, capsys):
 
 
 def test_bench_removal_sets_and_table_against_hand_counts():
-    from resnet_jax import explain_bench
     from metrics.attribution import spread
 
     rng = np.random.default_rng(1)
@@ -333,7 +333,6 @@ def test_bench_removal_sets_and_table_against_hand_counts():
 
 def test_removal_correlation_against_hand_ranks():
     """Spearman over three retrainings: predicted change = the summed scores of the removed images."""
-    from resnet_jax import explain_bench
 
     scores = np.asarray([[1.0, 2.0, 3.0, -1.0], [0.0, 0.0, 0.0, 0.0], [1.0, 2.0, 3.0, -1.0]])
     removals = [[0], [1, 2], [3]]  # predicted for rows 0 and 2: 1, 5, -1 (ranks 2, 3, 1); row 1: constant
@@ -366,3 +365,5 @@ def test_cli_influence_choices_are_the_explain_kinds():
     from resnet_jax import cli_explain
 
     assert cli_explain.INFLUENCES == explain.INFLUENCES  # the first is the default of both
+    removal = next(p for p in cli_explain.bench_explain_cmd.params if p.name == "removal")
+    assert tuple(removal.type.choices) == explain_bench.REMOVALS and removal.default == explain_bench.REMOVALS[0]
