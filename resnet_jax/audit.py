@@ -116,13 +116,18 @@ def audit(ckpt_dir: str, data_spec: str | None = None, methods=DEFAULT_METHODS, 
                         f"with the loss-based scores: --method loss,margin")
     ds = open_training_data(ckpt_dir, data_spec, traj.meta)
     given, flipped, original = label_edits.given_labels(ds, traj.meta.get("label_edits"))
-    outputs, seconds = trajectory.checkpoint_outputs(traj, ds, given, batch_size=batch_size, progress=progress)
+    started = time.perf_counter()
+    ckpts = trajectory.load_checkpoints(traj)  # once, for the forward and the projected pass
+    loaded = time.perf_counter() - started
+    outputs, seconds = trajectory.checkpoint_outputs(traj, ds, given, batch_size=batch_size, progress=progress,
+                                                     checkpoints=ckpts)
+    seconds["load"] = loaded
     projected = None
     if "tracin-proj" in methods:
         projected, more = trajectory.checkpoint_outputs(traj, ds, given, project_params=project_params,
                                                         project_dim=project_dim, seed=seed, batch_size=batch_size,
-                                                        progress=progress)
-        seconds["projected"] = more["projected"] + more["load"]
+                                                        progress=progress, checkpoints=ckpts)
+        seconds["projected"] = more["projected"]
     started = time.perf_counter()
     result = {"ids": list(ds.ids), "given": given, "suggested": suggested_labels(outputs),
               "scores": scores(outputs, traj.learning_rates, given, methods, projected),

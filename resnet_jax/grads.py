@@ -380,9 +380,7 @@ class GradFn:
         def chunk(start):
             x, y = images[start:start + size], labels[start:start + size]
             real = x.shape[0]
-            if real < size:  # pad (repeating the last example) to the fixed chunk size
-                x = np.concatenate([x, np.repeat(x[-1:], size - real, 0)])
-                y = np.concatenate([y, np.repeat(y[-1:], size - real, 0)])
+            x, y = pad_rows(x, size), pad_rows(y, size)  # to the fixed chunk size
             return (jax.device_put(x, self._batch_sharding), jax.device_put(y, self._batch_sharding), start, real)
 
         starts = range(0, n, size)
@@ -431,6 +429,11 @@ class GradFn:
             raise UserError(f"NaN or Inf in the images, logits or gradients of {len(bad)} image(s): "
                             f"{', '.join(names)}{more}; check these images and the checkpoint's weights")
         return out
+
+
+def pad_rows(x: np.ndarray, size: int) -> np.ndarray:
+    """Returns x (n, ...) padded to (size, ...) by repeating its last row (x itself when n >= size)."""
+    return x if len(x) >= size else np.concatenate([x, np.repeat(x[-1:], size - len(x), 0)])
 
 
 class Placed(NamedTuple):

@@ -215,9 +215,9 @@ def fit(config: TrainConfig, out_dir: str, progress: bool = True, log=print, hel
     `stop` is {"reason": "target" | "plateau" | "max_epochs" | "time_budget", "epoch", "validation_accuracy",
     "target_accuracy", "seconds"}, as stored in the checkpoint metadata. Held-out accuracy is measured after
     every epoch; `held_out=False` skips it (None in the records), for callers that run the held-out split
-    through the model themselves. `label_edits` (noise, relabelled or removed images) change the training
-    labels (masked images stay in their batches with zero loss weight); what changed is recorded in the metadata (`label_edits`). Every epoch's record holds its mean
-    learning rate (TracIn's step size). `keep_epochs`: the epochs whose checkpoints are kept, "all", or
+    through the model themselves. `label_edits` (noise, relabelled, removed or masked images) change the
+    training labels (masked images stay in their batches with zero loss weight); what changed is recorded in
+    the metadata (`label_edits`). Every epoch's record holds its mean learning rate (TracIn's step size). `keep_epochs`: the epochs whose checkpoints are kept, "all", or
     None for the default: all of them when the labels are edited, else the newest two.
     """
     from tqdm.auto import tqdm

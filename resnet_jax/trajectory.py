@@ -107,9 +107,8 @@ def checkpoint_outputs(traj: Trajectory, ds, labels, *, project_params: str | No
         rows = slice(offset, offset + len(batch.labels))
         for t, ckpt in enumerate(ckpts):
             if project_params is None:
-                images, real = batch.images, len(batch.labels)
-                if stream and real < batch_size:
-                    images = np.concatenate([images, np.repeat(images[-1:], batch_size - real, 0)])
+                real = len(batch.labels)
+                images = grads.pad_rows(batch.images, batch_size) if stream else batch.images
                 logits, features = (np.asarray(a)[:real] for a in forward(ckpt.variables, images))
                 got = {"logits": logits, "features": features}
             else:
