@@ -94,7 +94,7 @@ def test_train_info_extract_gradcam_similarity(capsys, tiny_ckpt, tiny_folder, t
     u = p / np.linalg.norm(p, axis=1, keepdims=True)
     sims = u @ u.T
     same = (labels[:, None] == labels[None]) & ~np.eye(len(labels), dtype=bool)
-    assert rows[0]["Cos_Sim_P"] == pytest.approx(sims[same].mean(), rel=1e-6)
+    assert rows[0]["Cos_Sim_P"] == pytest.approx(sims[same].mean(), rel=1e-5)
     # Cos_Sim_GW (Kronecker identity) against explicit fc gradients [h (x) delta, delta] built in float64,
     # which in turn match the extracted float32 rows.
     logits = np.load(os.path.join(store, "logits.npy")).astype(np.float64)
@@ -103,7 +103,7 @@ def test_train_info_extract_gradcam_similarity(capsys, tiny_ckpt, tiny_folder, t
     g = np.concatenate([np.einsum("nd,nc->ndc", fm.astype(np.float64), delta).reshape(30, -1), delta], axis=1)
     np.testing.assert_allclose(gw, g, atol=1e-4 * np.abs(g).max())
     g /= np.linalg.norm(g, axis=1, keepdims=True)
-    assert rows[0]["Cos_Sim_GW"] == pytest.approx((g @ g.T)[same].mean(), rel=1e-6)
+    assert rows[0]["Cos_Sim_GW"] == pytest.approx((g @ g.T)[same].mean(), rel=1e-5)
     # Mismatched stores and maps are refused.
     code, _, err = run_cli(["similarity", store, "--cams", cams, "--cams", cams], capsys)
     assert_one_line_error(code, err, "one per store")
@@ -139,7 +139,7 @@ def test_similarity_honours_the_predicted_label_source(capsys, tiny_ckpt, tiny_f
     row = json.load(open(tmp_path / "t1" / "table1.json"))["rows"][0]
     labels, preds = (np.load(os.path.join(store, f"{a}.npy")) for a in ("labels", "preds"))
     intra, inter = cos_sim_gw_closed_form(store, preds)
-    assert row["Cos_Sim_GW"] == pytest.approx(intra, rel=1e-6) and row["Inter_GW"] == pytest.approx(inter, rel=1e-6)
+    assert row["Cos_Sim_GW"] == pytest.approx(intra, rel=1e-5) and row["Inter_GW"] == pytest.approx(inter, rel=1e-5)
     # This barely trained model predicts one class for every image: only the true labels tell the
     # classes' gradients apart (the inter-class means differ; same-class pairs share a label either way).
     assert (labels != preds).any()

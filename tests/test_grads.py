@@ -121,7 +121,13 @@ def loop_rows(paths, labels):
     return np.stack(rows)
 
 
+# float32 through a ResNet: a different batch shape or processor changes XLA's summation order,
+# which moved results by up to 1.4e-5 of their largest entry on an AMD EPYC (below 1e-6 on an Intel Xeon)
+F32 = 1e-4
+
+
 def rel(a, b):
+    """Largest absolute difference as a fraction of b's largest entry."""
     return float(np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max())
 
 
@@ -156,11 +162,11 @@ def test_fc_closed_form_and_loop_agree():
     by_hand = np.concatenate([(h[:, :, None] * delta[:, None, :]).reshape(B, -1), delta], 1)
     assert closed["gw"].shape == (B, 512 * C + C) and closed["gw"].dtype == np.float32
     for got in (closed["gw"], by_hand):
-        assert rel(got, loop) < 1e-5
+        assert rel(got, loop) < F32
     np.testing.assert_array_equal(closed["labels"], LABELS)
     np.testing.assert_allclose(closed["probs"], p, rtol=1e-5, atol=1e-7)
     np.testing.assert_array_equal(closed["preds"], z.argmax(1))
-    assert rel(closed["logits"], run("conv_vmap", params=CONV, method="vmap")["logits"]) < 1e-6
+    assert rel(closed["logits"], run("conv_vmap", params=CONV, method="vmap")["logits"]) < F32
 
 
 @pytest.mark.device
@@ -169,11 +175,11 @@ def test_conv_and_batchnorm_subset_taps_vmap_loop():
     vmap = run("conv_vmap", params=CONV, method="vmap")
     loop = loop_rows(CONV_PATHS, LABELS)
     assert taps["gw"].shape == (B, 64 + 64 + 3 * 3 * 64 * 64)
-    assert rel(taps["gw"], loop) < 1e-5
-    assert rel(vmap["gw"], loop) < 1e-5
+    assert rel(taps["gw"], loop) < F32
+    assert rel(vmap["gw"], loop) < F32
     # each block is nontrivial (a wrong block would not hide behind the big kernel block)
     for a, b in ((0, 64), (64, 128), (128, None)):
-        assert rel(taps["gw"][:, a:b], loop[:, a:b]) < 1e-5
+        assert rel(taps["gw"][:, a:b], loop[:, a:b]) < F32
 
 
 @pytest.mark.device
@@ -182,7 +188,7 @@ def test_strided_pointwise_conv_taps():
     paths = ["layer2_0/downsample_conv/kernel"]
     taps = grads.compute(MODEL, VARIABLES, IMAGES, LABELS, params=paths[0], method="taps")
     assert taps["gw"].shape == (B, 64 * 128)
-    assert rel(taps["gw"], loop_rows(paths, LABELS)) < 1e-5
+    assert rel(taps["gw"], loop_rows(paths, LABELS)) < F32
 
 
 def test_predicted_labels():
@@ -191,12 +197,12 @@ def test_predicted_labels():
     pred = grads.compute(MODEL, VARIABLES, IMAGES, wrong, params="fc", label_source="predicted")
     truth = grads.compute(MODEL, VARIABLES, IMAGES, wrong, params="fc", label_source="true")
     loop = loop_rows(["fc/kernel", "fc/bias"], closed["preds"])
-    assert rel(pred["gw"], loop) < 1e-5
+    assert rel(pred["gw"], loop) < F32
     np.testing.assert_array_equal(pred["labels"], closed["preds"])
     assert rel(truth["gw"], loop) > 0.1
     # predicted labels need no labels at all; on the taps path too
     taps = grads.compute(MODEL, VARIABLES, IMAGES, None, params="layer4_1/bn2", label_source="predicted")
-    assert rel(taps["gw"], loop_rows(["layer4_1/bn2/scale", "layer4_1/bn2/bias"], closed["preds"])) < 1e-5
+    assert rel(taps["gw"], loop_rows(["layer4_1/bn2/scale", "layer4_1/bn2/bias"], closed["preds"])) < F32
 
 
 @pytest.mark.device
@@ -204,7 +210,7 @@ def test_input_gradients():
     got = np.asarray(grads.input_grads(MODEL, VARIABLES, IMAGES, LABELS))
     loop = np.stack([_loop_grad(VARIABLES["params"], VARIABLES["batch_stats"], IMAGES[i], LABELS[i])[1]
                      for i in range(B)])
-    assert got.shape == IMAGES.shape and rel(got, loop) < 1e-5
+    assert got.shape == IMAGES.shape and rel(got, loop) < F32
 
 
 def documented_projection(paths, shapes, k, seed, kron=(8, 8)):
@@ -233,14 +239,14 @@ def test_projection_equals_explicit_matrix():
     full = run("fc")["gw"].astype(np.float64)
     proj = run("fc_proj", params="fc", project_dim=K, seed=7)["gw"]
     assert proj.shape == (B, K)
-    assert rel(proj, full @ r_fc) < 1e-5
+    assert rel(proj, full @ r_fc) < F32
     lay = layout(VARIABLES["params"], "fc")
     np.testing.assert_allclose(projection.projection_matrix(lay, projection.Projection(K, 7)), r_fc, rtol=1e-6)
     # conv + BatchNorm leaves through the taps path: never forms the per-example gradient
     r_conv = documented_projection(CONV_PATHS, CONV_SHAPES, K, 7)
     full_conv = run("conv")["gw"].astype(np.float64)
     taps = run("conv_proj", params=CONV, project_dim=K, seed=7)["gw"]
-    assert rel(taps, full_conv @ r_conv) < 1e-5
+    assert rel(taps, full_conv @ r_conv) < F32
     # another seed, another projection
     other = grads.compute(MODEL, VARIABLES, IMAGES, LABELS, params="fc", project_dim=K, seed=8)["gw"]
     assert rel(other, proj) > 0.1
@@ -263,7 +269,7 @@ def test_micro_batches_give_the_same_rows():
     fn = grads.build(MODEL, VARIABLES, params="fc", max_grad_floats=2 * (512 * C + C))
     assert fn.plan(IMAGES.shape[1:])[1] == 2
     out = fn(IMAGES, LABELS, IDS)
-    assert rel(out["gw"], run("fc")["gw"]) < 1e-6
+    assert rel(out["gw"], run("fc")["gw"]) < F32
     assert out["gw"].shape == (B, 512 * C + C)
 
 
@@ -273,12 +279,12 @@ def test_pad_to_cuts_a_short_batch_as_a_full_one():
     fn = grads.build(MODEL, VARIABLES, params="fc")
     placed = fn.put(IMAGES[:3], LABELS[:3], pad_to=B)
     assert [c[0].shape[0] for c in placed.chunks] == [fn.put(IMAGES, LABELS).chunks[0][0].shape[0]]
-    assert rel(fn(IMAGES[:3], LABELS[:3], pad_to=B)["gw"], full[:3]) < 1e-6
+    assert rel(fn(IMAGES[:3], LABELS[:3], pad_to=B)["gw"], full[:3]) < F32
     small = grads.build(MODEL, VARIABLES, params="fc", max_grad_floats=2 * (512 * C + C))  # 2 per step
     placed = small.put(IMAGES[:3], LABELS[:3], pad_to=B)
     assert [(c[0].shape[0], c[3]) for c in placed.chunks] == [(2, 2), (2, 1)]
     out = small(IMAGES[:3], LABELS[:3], IDS[:3], pad_to=B)
-    assert out["gw"].shape == (3, 512 * C + C) and rel(out["gw"], full[:3]) < 1e-6
+    assert out["gw"].shape == (3, 512 * C + C) and rel(out["gw"], full[:3]) < F32
 
 
 @pytest.mark.device
@@ -323,5 +329,5 @@ def test_one_device_equals_eight_devices(eight_devices):
     for name in EIGHT:
         for key in ("gw", "logits", "fm", "probs"):
             assert theirs[name][key].shape == ours[name][key].shape
-            assert rel(theirs[name][key], ours[name][key]) < 1e-5, (name, key)
+            assert rel(theirs[name][key], ours[name][key]) < F32, (name, key)
         np.testing.assert_array_equal(theirs[name]["preds"], ours[name]["preds"])
