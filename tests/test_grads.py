@@ -122,7 +122,8 @@ def loop_rows(paths, labels):
 
 
 # float32 through a ResNet: a different batch shape or processor changes XLA's summation order,
-# which moved results by up to 1.4e-5 of their largest entry on an AMD EPYC (below 1e-6 on an Intel Xeon)
+# which moved results by up to 1.4e-5 of their largest entry on an AMD EPYC (within the earlier bounds,
+# 1e-6 or 1e-5 by test, on an Intel Xeon)
 F32 = 1e-4
 
 
