@@ -356,6 +356,9 @@ def run_explain(ckpt_dir: str, out_dir: str, train_spec: str | None = None, test
     return summary
 
 
+FIGURE_BATCH = 32  # error images per Grad-CAM call of the figures (all calls padded to this size)
+
+
 def error_figures(result: dict, fig_dir: str, shown: int = 6) -> list[str]:
     """Writes one PNG per explained image to fig_dir (its Grad-CAM for the predicted class at the
     newest checkpoint, then its first `shown` proponents and opponents); returns the paths."""
@@ -364,11 +367,13 @@ def error_figures(result: dict, fig_dir: str, shown: int = 6) -> list[str]:
     os.makedirs(fig_dir, exist_ok=True)
     traj, test = result["trajectory"], result["test"]
     ckpt = checkpoint.load(traj.directory, traj.steps[-1])
-    paths = []
-    for start in range(0, result["explained"].size, 32):
-        part = result["explained"][start:start + 32]
-        images = test.take(part).images
-        cams = gradcam.gradcam(ckpt.model, ckpt.variables, images, result["predicted"][start:start + 32])
+    paths, chunk, n = [], FIGURE_BATCH, result["explained"].size
+    for start in range(0, n, chunk):
+        part = result["explained"][start:start + chunk]
+        images, labels = test.take(part).images, result["predicted"][start:start + chunk]
+        pad = chunk - part.size if n > chunk else 0  # one compiled shape: a short last chunk repeats its first image
+        cams = gradcam.gradcam(ckpt.model, ckpt.variables, np.concatenate([images, np.repeat(images[:1], pad, 0)]),
+                               np.concatenate([labels, np.repeat(labels[:1], pad)]))[:part.size]
         for m, (i, image, cam) in enumerate(zip(part, images, cams), start=start):
             path = os.path.join(fig_dir, f"{m + 1:04d}-{_safe(test.ids[i])}.png")
             paths.append(_one_figure(result, m, image, cam, path, shown))

@@ -236,6 +236,27 @@ def test_the_flipped_duplicate_is_the_top_proponent_of_its_error(outputs):
             assert pro[0, 0] == dup and pro_s[0, 0] > 0 and dup not in opp[0], (method, kind, pro, opp)
 
 
+def test_error_figures_pad_every_gradcam_call_to_one_shape(learned, tmp_path, monkeypatch):
+    """The figures compute Grad-CAM in calls of FIGURE_BATCH images, the last one padded, so that one
+    compile serves them all; every figure gets the map of its own image, as one unpadded call gives."""
+    from resnet_jax import gradcam
+
+    result = explain.explain(learned[1], errors_only=False, top=2, method="fc", progress=False)
+    n = result["explained"].size
+    ckpt = checkpoint.load(learned[1])
+    want = gradcam.gradcam(ckpt.model, ckpt.variables, result["test"].take(result["explained"]).images,
+                           result["predicted"])
+    shapes, drawn = [], {}
+    real = gradcam.gradcam
+    monkeypatch.setattr(gradcam, "gradcam", lambda m, v, x, y: shapes.append(x.shape[0]) or real(m, v, x, y))
+    monkeypatch.setattr(explain, "_one_figure", lambda res, m, image, cam, path, shown: drawn.setdefault(m, cam))
+    monkeypatch.setattr(explain, "FIGURE_BATCH", 3)
+    assert n > 3 and n % 3
+    explain.error_figures(result, str(tmp_path))
+    assert shapes == [3] * -(-n // 3) and sorted(drawn) == list(range(n))
+    np.testing.assert_allclose(np.stack([drawn[m] for m in range(n)]), want, atol=1e-5)
+
+
 def test_cli_explains_and_refuses_bad_input(learned, tmp_path, capsys):
     root, run = learned
     out = str(tmp_path / "explain")
