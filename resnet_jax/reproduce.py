@@ -25,9 +25,9 @@ from .models import MODEL_NAMES
 # the learning rate warms up and decays (cosine). On digits every epoch renders the training glyphs
 # afresh (new position and noise: the deep models otherwise memorise the noise of 1,131 images) and
 # BatchNorm statistics are re-estimated before each validation (train.precise_batch_stats).
-# ResNet-101/152 start every residual block's last BatchNorm scale at zero, at twice the rate: with
-# the shared recipe they stayed near chance for four epochs and needed caps of 16 and 24 (ResNet-152
-# at a cap of 4: held-out 0.68 with it, 0.20 without; see the README).
+# ResNet-101/152 start every residual block's last BatchNorm scale at zero and train at twice the
+# shared rate: with the shared recipe they stayed near chance for four epochs and needed caps of 16
+# and 24 (ResNet-152 at a cap of 4: held-out 0.68 this way, 0.20 the shared way; see the README).
 # With an accelerator, where an epoch takes seconds, every cap is ACCELERATOR_EPOCHS and the target
 # decides.
 DEFAULT_EPOCHS = {"resnet18": 10, "resnet34": 8, "resnet50": 8, "resnet101": 10, "resnet152": 10}
