@@ -363,6 +363,7 @@ def error_figures(result: dict, fig_dir: str, shown: int = 6) -> list[str]:
     """Writes one PNG per explained image to fig_dir (its Grad-CAM for the predicted class at the
     newest checkpoint, then its first `shown` proponents and opponents); returns the paths."""
     from . import gradcam
+    from .grads import pad_rows
 
     os.makedirs(fig_dir, exist_ok=True)
     traj, test = result["trajectory"], result["test"]
@@ -371,9 +372,8 @@ def error_figures(result: dict, fig_dir: str, shown: int = 6) -> list[str]:
     for start in range(0, n, chunk):
         part = result["explained"][start:start + chunk]
         images, labels = test.take(part).images, result["predicted"][start:start + chunk]
-        pad = chunk - part.size if n > chunk else 0  # one compiled shape: a short last chunk repeats its first image
-        cams = gradcam.gradcam(ckpt.model, ckpt.variables, np.concatenate([images, np.repeat(images[:1], pad, 0)]),
-                               np.concatenate([labels, np.repeat(labels[:1], pad)]))[:part.size]
+        size = chunk if n > chunk else part.size  # one compiled shape: a short last chunk repeats its last image
+        cams = gradcam.gradcam(ckpt.model, ckpt.variables, pad_rows(images, size), pad_rows(labels, size))[:part.size]
         for m, (i, image, cam) in enumerate(zip(part, images, cams), start=start):
             path = os.path.join(fig_dir, f"{m + 1:04d}-{_safe(test.ids[i])}.png")
             paths.append(_one_figure(result, m, image, cam, path, shown))
