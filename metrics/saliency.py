@@ -13,6 +13,8 @@ Policies:
   when given. No fixations raises UndefinedMetricError.
 """
 
+import functools
+
 import numpy as np
 import scipy.integrate
 from skimage.metrics import structural_similarity
@@ -131,17 +133,37 @@ def auc_borji(pred, fixations, n_splits=100, step=0.1, seed=0, threshold=None):
     saliency = _minmax(pred, "pred", "auc_borji").ravel()
     mask = _fixation_mask(fixations, threshold, "auc_borji").ravel()
     fixated = np.sort(saliency[mask])
-    n_fix = fixated.size
-    sampled = saliency[np.random.default_rng(seed).integers(0, saliency.size, size=(n_fix, int(n_splits)))]
+    n_fix, n_splits = fixated.size, int(n_splits)
+    rows = min(saliency.size, 1 << (n_fix - 1).bit_length())  # draws cached by power-of-two row counts
+    drawn = _uniform_draws(int(seed), saliency.size, n_splits, rows)[:n_fix]  # the first n_fix rows of the draw
     # One threshold grid for all splits: thresholds above a split's maximum add (0, 0) points, which add no area.
-    top = max(fixated[-1], sampled.max())
-    thresholds = np.arange(int(np.floor(top / step + 1e-9)), -1, -1) * step
+    top = max(fixated[-1], saliency[drawn].max())
+    grid = np.arange(int(np.floor(max(top, saliency.max()) / step + 1e-9)) + 1) * step  # ascending k * step
+    thresholds = grid[: int(np.floor(top / step + 1e-9)) + 1][::-1]
     tp = np.concatenate([[0.0], (n_fix - np.searchsorted(fixated, thresholds, side="left")) / n_fix, [1.0]])
-    # fp[t, s]: the share of split s's samples at or above threshold t, all splits at once.
-    above = np.sum(sampled[None] >= thresholds[:, None, None], axis=1) / n_fix
-    fp = np.concatenate([np.zeros((1, sampled.shape[1])), above, np.ones((1, sampled.shape[1]))])
+    # A pixel at level l lies at or above exactly the thresholds k * step with k < l, so the count of a
+    # split's samples at or above threshold k is the number of its samples of level > k.
+    level = np.searchsorted(grid, saliency, side="right")
+    per_split = np.bincount((level[drawn] + (len(grid) + 1) * np.arange(n_splits)).ravel(),
+                            minlength=(len(grid) + 1) * n_splits).reshape(n_splits, len(grid) + 1)
+    at_or_above = np.cumsum(per_split[:, ::-1], axis=1)[:, ::-1]  # [s, l]: samples of level >= l
+    # [t, s], thresholds descending; C order so that the sums below add in the same order as over the samples
+    above = np.ascontiguousarray(at_or_above[:, 1:len(thresholds) + 1][:, ::-1].T) / n_fix
+    fp = np.concatenate([np.zeros((1, n_splits)), above, np.ones((1, n_splits))])
     aucs = np.sum(np.diff(fp, axis=0) * ((tp[1:] + tp[:-1]) / 2)[:, None], axis=0)  # trapezoid per split
     return float(np.mean(aucs))
+
+
+@functools.lru_cache(maxsize=8)
+def _uniform_draws(seed: int, n_pixels: int, n_splits: int, rows: int) -> np.ndarray:
+    """Returns np.random.default_rng(seed).integers(0, n_pixels, size=(rows, n_splits)), read-only.
+
+    A draw of size (n, n_splits) is the first n rows of any larger one (the generator fills the
+    array in order), so one draw serves every fixation count up to `rows`.
+    """
+    drawn = np.random.default_rng(seed).integers(0, n_pixels, size=(rows, n_splits))
+    drawn.flags.writeable = False
+    return drawn
 
 
 METRICS = {"cc": cc, "kld": kld, "sim": sim, "ssim": ssim, "nss": nss, "auc_judd": auc_judd, "auc_borji": auc_borji}

@@ -218,6 +218,19 @@ def test_auc_borji_matches_matlab_loop(step):
     assert auc_borji(pred, fixations, n_splits=20, step=step, seed=3) == pytest.approx(expected, abs=1e-12)
 
 
+@pytest.mark.parametrize("order", [1, -1])
+def test_auc_borji_matches_matlab_loop_for_every_fixation_count(order):
+    # The draws are cached per map size and sliced to the fixation count: counts across the cache's
+    # row boundaries (powers of two), met in rising and in falling order, with values on the grid.
+    rng = np.random.default_rng(8)
+    pred = np.round(rng.random((9, 11)) ** 2, 1)  # many pixels exactly at a threshold k * 0.1
+    ranks = rng.permutation(99).reshape(9, 11)
+    for n_fix in [1, 2, 3, 4, 5, 31, 32, 33, 64, 65, 98][::order]:
+        fixations = ranks < n_fix
+        expected = auc_borji_matlab(pred, fixations, n_splits=7, step=0.1, seed=1)
+        assert auc_borji(pred, fixations, n_splits=7, step=0.1, seed=1) == pytest.approx(expected, abs=1e-12), n_fix
+
+
 def test_auc_borji_binary_prediction_closed_form():
     # pred == fixation map: tp = 1 at every threshold > 0, fp = share of samples on fixations,
     # so each split's area is 1 - fp / 2.
