@@ -68,16 +68,30 @@ def removal_correlation(scores, removals, loss_change) -> dict:
     scores (M, N) of the removed training images: removing a proponent raises the loss of the prediction)
     and the measured change `loss_change` (R, M); {"mean" over the test images with a defined correlation,
     "per_image" (M,) with NaN where either side is constant, "runs": R}."""
-    from scipy.stats import spearmanr
+    from scipy.stats import rankdata
 
     scores = np.asarray(scores, np.float64)
     predicted = np.stack([scores[:, np.asarray(r, np.int64)].sum(1) for r in removals])  # (R, M)
     actual = np.asarray(loss_change, np.float64)
     if predicted.shape != actual.shape:
         raise ValueError(f"loss_change has shape {actual.shape}, the removals and scores give {predicted.shape}")
-    rho = np.full(actual.shape[1], np.nan)
-    for m in range(actual.shape[1]):
-        if np.ptp(predicted[:, m]) > 0 and np.ptp(actual[:, m]) > 0:
-            rho[m] = spearmanr(predicted[:, m], actual[:, m])[0]
+    # Spearman's rho per test image: Pearson's correlation of the (tie-averaged) ranks over the runs
+    a, b = (rankdata(x, axis=0) for x in (predicted, actual))
+    a, b = a - a.mean(0), b - b.mean(0)
+    defined_here = (np.ptp(predicted, axis=0) > 0) & (np.ptp(actual, axis=0) > 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rho = np.where(defined_here, (a * b).sum(0) / np.sqrt((a * a).sum(0) * (b * b).sum(0)), np.nan)
     defined = rho[~np.isnan(rho)]
     return {"mean": float(defined.mean()) if defined.size else None, "per_image": rho, "runs": int(actual.shape[0])}
+
+
+def removal_correlation_null(scores, removals, loss_change, draws: int = 200, seed: int = 0) -> dict:
+    """Returns the baseline of `removal_correlation` for scores that know nothing: its mean over the test
+    images recomputed `draws` times with each test image's scores (M, N) shuffled over the training
+    images (numpy default_rng(seed).permuted along axis 1); {"mean", "std" of those means, "draws"}."""
+    rng = np.random.default_rng(seed)
+    scores = np.asarray(scores, np.float64)
+    means = [removal_correlation(rng.permuted(scores, axis=1), removals, loss_change)["mean"] for _ in range(draws)]
+    means = np.asarray([m for m in means if m is not None], np.float64)
+    return {"mean": float(means.mean()) if means.size else None,
+            "std": float(means.std(ddof=1)) if means.size > 1 else None, "draws": int(draws)}

@@ -101,11 +101,13 @@ def explain_cmd(ckpt_dir, train_spec, test_spec, errors_only, top, kind, method,
 @click.option("--removal", type=click.Choice(["retrain", "mask"]), default="retrain", show_default=True,
               help="retrain: without the removed images (every epoch's batches change); mask: the images stay in "
                    "their batches with zero loss weight (the base run's batches, same order).")
+@click.option("--lds", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Half-subset retrainings per seed (at least 3) for the linear datamodeling score; 0: none.")
 @click.option("--out", "out_dir", default="bench-explain", show_default=True,
               help="Directory of the runs (each resumes) and bench-explain.json.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def bench_explain_cmd(model, data_spec, epochs, batch_size, seeds, ks, kinds, method, project_dim, arms, removal,
-                      out_dir, quiet):
+                      lds, out_dir, quiet):
     """Counterfactual check: retrain without each error's top-K proponents, vs random and high-loss removal."""
     seeds, ks = _ints(seeds, "seeds"), _ints(ks, "top")
     files.check_out_dir(out_dir, "--out", MIN_FREE_BYTES)
@@ -117,5 +119,11 @@ def bench_explain_cmd(model, data_spec, epochs, batch_size, seeds, ks, kinds, me
                                    batch_size=batch_size, method=method,
                                    kinds=tuple(k.strip() for k in kinds.split(",") if k.strip()), project_dim=project_dim,
                                    arms=tuple(a.strip() for a in arms.split(",") if a.strip()),
-                                   removal=removal, progress=not quiet, log=click.echo)
+                                   removal=removal, lds=lds, progress=not quiet, log=click.echo)
     click.echo(tables.markdown_table(result["table"], list(result["table"][0]), 3))
+    if lds:
+        null = result["linear_datamodeling_null"]
+        click.echo("linear datamodeling score (Spearman over the half-subset retrainings, mean over the errors; "
+                   "shuffled scores in brackets): " +
+                   ", ".join(f"{kind} {v['mean']:.3f} [{null[kind]['mean']:.3f}]"
+                             for kind, v in result["linear_datamodeling_score"].items() if v["mean"] is not None))

@@ -18,9 +18,13 @@ retraining also measures how each error's loss at its predicted label changed; p
 (all of them, whichever chose the removals), "removal_correlation" is the mean Spearman correlation
 over a seed's retrainings between that change and the one the scores predict (the sum of the
 removed images' influences), averaged over the errors and then the seeds: a small-sample relative
-of the linear datamodeling score, on these removals instead of random half-subsets. The order is
+of the linear datamodeling score, on these removals instead of random half-subsets. With `lds` = R > 0
+every seed then also retrains R times without a random half of the training set (seedS/half{j},
+numpy default_rng([seed, 2, j])), and "linear_datamodeling_score" is the same correlation over those R
+runs alone: the linear datamodeling score of Park et al. (2023) on the errors, with the loss at the
+predicted label as the model output (a removal set and its complement give the same ranks). The order is
 priority first: all base runs, then per K (in the order given) and arm, every seed, so that a run
-cut short has the first K of every seed. Every run resumes from its directory under `out_dir`
+cut short has the first K of every seed, then the half-subsets. Every run resumes from its directory under `out_dir`
 (and each base run's training store, `seedS/train-store`); bench-explain.json is rewritten
 after every retraining. A run's directory is seedS/k{K}-{arm}, with -{kind} added for kinds other than
 relatif (high-loss: the first kind, whose count it takes), and seedS/reorder; with
@@ -63,6 +67,12 @@ def removal_sets(result: dict, k: int, seed: int, proponents: np.ndarray | None 
             "high-loss": np.sort(np.argsort(-loss, kind="stable")[:chosen.size])}
 
 
+def half_subset(n_train: int, seed: int, j: int) -> np.ndarray:
+    """Returns the sorted training indices removed by half-subset run j of a seed: n_train // 2 of them,
+    drawn uniformly without replacement by default_rng([seed, 2, j])."""
+    return np.sort(np.random.default_rng([seed, 2, j]).choice(n_train, n_train // 2, replace=False))
+
+
 def _run_name(arm: str, k: int, kind: str, removal: str = REMOVALS[0]) -> str:
     """Returns the directory of one retraining under seedS/ (module docstring)."""
     name = arm if arm == "reorder" else f"k{k}-{arm}" + ("" if kind == explain.INFLUENCES[0] else f"-{kind}")
@@ -71,7 +81,8 @@ def _run_name(arm: str, k: int, kind: str, removal: str = REMOVALS[0]) -> str:
 
 def run(out_dir: str, *, seeds=(0, 1, 2), ks=(10, 20), model: str = "resnet18", data_spec: str = "digits",
         epochs: int = 6, batch_size: int = 64, method: str = "proj", kinds=(explain.INFLUENCES[0],),
-        project_dim: int = 1024, arms=ARMS, removal: str = REMOVALS[0], progress: bool = True, log=print) -> dict:
+        project_dim: int = 1024, arms=ARMS, removal: str = REMOVALS[0], lds: int = 0, progress: bool = True,
+        log=print) -> dict:
     """Runs the counterfactual check; returns the summary written to out_dir/bench-explain.json."""
     from metrics.attribution import spread
 
@@ -87,12 +98,14 @@ def run(out_dir: str, *, seeds=(0, 1, 2), ks=(10, 20), model: str = "resnet18", 
         explain.check_kind(kind, method)
     if removal not in REMOVALS:
         raise UserError(f"unknown removal {removal!r}: choose one of {', '.join(REMOVALS)}")
+    if lds != 0 and lds < 3:
+        raise UserError(f"--lds needs at least 3 half-subset retrainings per seed for a rank correlation, got {lds}")
     files.check_ours(out_dir, "bench-explain.json", BENCH_FORMAT)
     os.makedirs(out_dir, exist_ok=True)
     summary = {"format": BENCH_FORMAT,
                "config": {"model": model, "data": data_spec, "epochs": epochs, "batch_size": batch_size,
                           "method": method, "influence": list(kinds), "project_dim": project_dim, "seeds": list(seeds),
-                          "ks": list(ks), "arms": list(arms), "removal": removal},
+                          "ks": list(ks), "arms": list(arms), "removal": removal, "lds": lds},
                "runs": [], "seeds": []}
     path = os.path.join(out_dir, "bench-explain.json")
     files.write_json(path, summary)  # first: marks the directory as ours, so that a run cut short resumes
@@ -150,44 +163,73 @@ def run(out_dir: str, *, seeds=(0, 1, 2), ks=(10, 20), model: str = "resnet18", 
                     if arm == "random" and kind != kinds[0] and removed.size == removal_sets(
                             result, k, seed, proponents[kinds[0]])[arm].size:
                         continue  # the same draw as the first kind's
-                    run_dir = os.path.join(out_dir, f"seed{seed}", name)
                     log(f"seed {seed}, K = {k}: retraining {'without' if removal == 'retrain' else 'masking'} "
                         f"{removed.size} images ({name})")
-                    ids = tuple(result["train"].ids[i] for i in removed)
-                    edits = label_edits.LabelEdits(**{"remove" if removal == "retrain" else "mask": ids})
-                    train.fit(config, run_dir, progress=False, log=lambda s: log(f"  {name}: {s}"), held_out=False,
-                              label_edits=edits, keep_epochs=str(config.epochs))
-                    probs, _ = held_out_probs(run_dir, config)
-                    now = probs.argmax(1)
-                    changes[seed].append((removed, label_loss(probs[errors], pred[errors]) - base_loss[seed]))
+                    record, change = _retrain(os.path.join(out_dir, f"seed{seed}", name), bases[seed], removed,
+                                              removal, base_loss[seed], lambda s, name=name: log(f"  {name}: {s}"))
+                    changes[seed].append((removed, change))
                     summary["runs"].append({"seed": seed, "k": None if arm == "reorder" else k, "arm": arm,
-                                            "influence": kind if arm in ("proponents", "random") else None,
-                                            "removed": int(removed.size), "errors": int(errors.size),
-                                            "fixed": int(np.sum(now[errors] == true[errors])),
-                                            "fixed_ids": [int(i) for i in errors[now[errors] == true[errors]]],
-                                            "new_errors": int(np.sum((now != true) & (pred == true))),
-                                            "accuracy": float(np.mean(now == true)),
-                                            "training_s": round(audit_bench.training_seconds(
-                                                checkpoint.load_meta(run_dir)["history"]), 1)})
+                                            "influence": kind if arm in ("proponents", "random") else None, **record})
                     summary["table"] = table(summary["runs"], spread)
                     summary["removal_correlation"] = correlations(all_scores, changes)
                     files.write_json(path, summary)
+    halves = {seed: [] for seed in seeds}
+    for j in range(lds):
+        for seed in seeds:
+            removed = half_subset(len(bases[seed][1]["train_labels"]), seed, j)
+            name = f"half{j:02d}" + ("-masked" if removal == "mask" else "")
+            log(f"seed {seed}: half-subset {j + 1}/{lds}, retraining {'without' if removal == 'retrain' else 'masking'} "
+                f"{removed.size} images ({name})")
+            record, change = _retrain(os.path.join(out_dir, f"seed{seed}", name), bases[seed], removed, removal,
+                                      base_loss[seed], lambda s, name=name: log(f"  {name}: {s}"))
+            halves[seed].append((removed, change))
+            summary.setdefault("half_runs", []).append({"seed": seed, "half": j, **record,
+                                                         "loss_change": [float(c) for c in change]})
+            summary["linear_datamodeling_score"] = correlations(all_scores, halves)
+            files.write_json(path, summary)
+    if lds:
+        summary["linear_datamodeling_null"] = correlations(all_scores, halves, null=True)
+        files.write_json(path, summary)
     return summary
 
 
-def correlations(all_scores: dict, changes: dict) -> dict:
-    """Returns per influence kind the mean over seeds (and the per-seed values) of
-    `metrics.attribution.removal_correlation` over that seed's retrainings, seeds with at least 3."""
-    from metrics.attribution import removal_correlation
+def _retrain(run_dir: str, base: tuple, removed: np.ndarray, removal: str, base_loss: np.ndarray, log) -> tuple:
+    """Retrains the base run's recipe without (or masking) the training images `removed`; returns (the
+    run's record: removed, errors, fixed, fixed_ids, new_errors, accuracy, training_s; the change of
+    each error's loss at its predicted label (M,))."""
+    config, result, _, pred, true, errors = base
+    ids = tuple(result["train"].ids[i] for i in removed)
+    edits = label_edits.LabelEdits(**{"remove" if removal == "retrain" else "mask": ids})
+    train.fit(config, run_dir, progress=False, log=log, held_out=False, label_edits=edits,
+              keep_epochs=str(config.epochs))
+    probs, _ = held_out_probs(run_dir, config)
+    now = probs.argmax(1)
+    record = {"removed": int(removed.size), "errors": int(errors.size),
+              "fixed": int(np.sum(now[errors] == true[errors])),
+              "fixed_ids": [int(i) for i in errors[now[errors] == true[errors]]],
+              "new_errors": int(np.sum((now != true) & (pred == true))), "accuracy": float(np.mean(now == true)),
+              "training_s": round(audit_bench.training_seconds(checkpoint.load_meta(run_dir)["history"]), 1)}
+    return record, label_loss(probs[errors], pred[errors]) - base_loss
 
+
+def correlations(all_scores: dict, changes: dict, null: bool = False) -> dict:
+    """Returns per influence kind the mean over seeds (and the per-seed values) of
+    `metrics.attribution.removal_correlation` over that seed's retrainings, seeds with at least 3;
+    `null`: of its baseline for shuffled scores instead (`removal_correlation_null`, the mean of its
+    draws; "std" per seed beside "per_seed")."""
+    from metrics.attribution import removal_correlation, removal_correlation_null
+
+    score = removal_correlation_null if null else removal_correlation
     out = {}
     for kind in next(iter(all_scores.values()), {}):
-        per_seed = {seed: removal_correlation(all_scores[seed][kind], [r for r, _ in runs],
-                                              [c for _, c in runs])["mean"]
-                    for seed, runs in changes.items() if len(runs) >= 3 and seed in all_scores}
+        got = {seed: score(all_scores[seed][kind], [r for r, _ in runs], [c for _, c in runs])
+               for seed, runs in changes.items() if len(runs) >= 3 and seed in all_scores}
+        per_seed = {seed: g["mean"] for seed, g in got.items()}
         values = [v for v in per_seed.values() if v is not None]
         out[kind] = {"mean": float(np.mean(values)) if values else None, "per_seed": per_seed,
                      "runs": {seed: len(changes[seed]) for seed in per_seed}}
+        if null:
+            out[kind]["std"] = {seed: g["std"] for seed, g in got.items()}
     return out
 
 

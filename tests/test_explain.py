@@ -21,9 +21,10 @@ import numpy as np
 import optax
 import pytest
 from PIL import Image
+from scipy.stats import spearmanr
 
 from helpers import assert_one_line_error, make_folder, per_sample_grads, run_cli
-from metrics.attribution import RunningTop, proponent_summary, removal_correlation
+from metrics.attribution import RunningTop, proponent_summary, removal_correlation, removal_correlation_null
 from resnet_jax import (audit_bench, checkpoint, data, explain, explain_bench, labels, models, params, projection,
                         trajectory)
 from resnet_jax.bench import random_variables
@@ -364,9 +365,36 @@ def test_removal_correlation_against_hand_ranks():
     assert out["mean"] == pytest.approx(0.25) and out["runs"] == 3
     with pytest.raises(ValueError, match="shape"):
         removal_correlation(scores, removals[:2], actual)
+    # against scipy's spearmanr on larger random cases with ties
+    rng = np.random.default_rng(0)
+    big = rng.integers(0, 4, size=(9, 40)).astype(float)
+    runs = [rng.choice(40, 20, replace=False) for _ in range(15)]
+    measured = np.round(rng.normal(size=(15, 9)), 1)
+    predicted = np.stack([big[:, r].sum(1) for r in runs])
+    np.testing.assert_allclose(removal_correlation(big, runs, measured)["per_image"],
+                               [spearmanr(predicted[:, m], measured[:, m])[0] for m in range(9)], atol=1e-12)
     changes = {0: list(zip(removals, actual)), 1: list(zip(removals[:2], actual[:2]))}  # seed 1: too few runs
     got = explain_bench.correlations({0: {"raw": scores}, 1: {"raw": scores}}, changes)
     assert got["raw"]["mean"] == pytest.approx(0.25) and list(got["raw"]["per_seed"]) == [0]
+
+
+def test_removal_correlation_null_of_shuffled_scores():
+    """Scores whose removed sums are exactly the measured changes correlate 1; shuffled over the
+    training images they correlate about 0, with the spread of a mean of M Spearman correlations
+    over R runs (about 1 / sqrt((R - 1) M))."""
+    rng = np.random.default_rng(3)
+    scores = rng.normal(size=(30, 50))
+    removals = [rng.choice(50, 25, replace=False) for _ in range(12)]
+    actual = np.stack([scores[:, r].sum(1) for r in removals])  # (R, M)
+    assert removal_correlation(scores, removals, actual)["mean"] == pytest.approx(1.0)
+    null = removal_correlation_null(scores, removals, actual, draws=300, seed=1)
+    expected_std = 1 / np.sqrt(11 * 30)
+    assert null["draws"] == 300 and abs(null["mean"]) < 3 * expected_std / np.sqrt(300) + 0.01
+    assert 0.7 * expected_std < null["std"] < 1.3 * expected_std
+    assert removal_correlation_null(scores, removals, actual, draws=300, seed=1) == null  # seeded
+    got = explain_bench.correlations({0: {"raw": scores}}, {0: list(zip(removals, actual))}, null=True)
+    assert got["raw"]["per_seed"][0] == pytest.approx(removal_correlation_null(scores, removals, actual)["mean"])
+    assert got["raw"]["std"][0] == pytest.approx(removal_correlation_null(scores, removals, actual)["std"])
 
 
 @pytest.mark.parametrize("args, fragment", [(["--seeds", "0,x"], "--seeds"), (["--top", "0"], "--top"),
@@ -374,12 +402,23 @@ def test_removal_correlation_against_hand_ranks():
                                             (["--influence", "relatif,bogus"], "--influence"),
                                             (["--influence", "relatif,relatif"], "--influence"),
                                             (["--influence", "fisher", "--method", "fc"], "--method proj"),
-                                            (["--removal", "bogus"], "--removal")])
+                                            (["--removal", "bogus"], "--removal"), (["--lds", "2"], "--lds")])
 def test_bench_explain_bad_options(args, fragment, tmp_path, capsys):
     out = str(tmp_path / "b")
     code, _, err = run_cli(["bench", "explain", *args, "--out", out, "--quiet"], capsys)
     assert_one_line_error(code, err, fragment)
     assert not os.path.exists(out)
+
+
+def test_half_subsets_are_seeded_halves():
+    halves = [explain_bench.half_subset(1257, seed, j) for seed in (0, 1) for j in range(3)]
+    for h in halves:
+        assert h.size == 628 and np.all(np.diff(h) > 0) and h[0] >= 0 and h[-1] < 1257
+    assert len({h.tobytes() for h in halves}) == len(halves)  # every seed and j its own draw
+    np.testing.assert_array_equal(halves[4], explain_bench.half_subset(1257, 1, 1))
+    # over many draws every training image is removed about half the time
+    counts = np.bincount(np.concatenate([explain_bench.half_subset(101, 0, j) for j in range(400)]), minlength=101)
+    assert abs(counts.mean() / 400 - 50 / 101) < 1e-12 and counts.min() > 150 and counts.max() < 250
 
 
 def test_cli_influence_choices_are_the_explain_kinds():
