@@ -22,7 +22,8 @@ of the linear datamodeling score, on these removals instead of random half-subse
 every seed then also retrains R times without a random half of the training set (seedS/half{j},
 numpy default_rng([seed, 2, j])), and "linear_datamodeling_score" is the same correlation over those R
 runs alone: the linear datamodeling score of Park et al. (2023) on the errors, with the loss at the
-predicted label as the model output (a removal set and its complement give the same ranks). The order is
+predicted label as the model output (a removal set and its complement give the same ranks), with
+"linear_datamodeling_null" beside it: the same score for shuffled scores (its baseline). The order is
 priority first: all base runs, then per K (in the order given) and arm, every seed, so that a run
 cut short has the first K of every seed, then the half-subsets. Every run resumes from its directory under `out_dir`
 (and each base run's training store, `seedS/train-store`); bench-explain.json is rewritten
