@@ -138,7 +138,7 @@ def auc_borji(pred, fixations, n_splits=100, step=0.1, seed=0, threshold=None):
     drawn = _uniform_draws(int(seed), saliency.size, n_splits, rows)[:n_fix]  # the first n_fix rows of the draw
     # One threshold grid for all splits: thresholds above a split's maximum add (0, 0) points, which add no area.
     top = max(fixated[-1], saliency[drawn].max())
-    grid = np.arange(int(np.floor(max(top, saliency.max()) / step + 1e-9)) + 1) * step  # ascending k * step
+    grid = np.arange(int(np.floor(saliency.max() / step + 1e-9)) + 1) * step  # k * step ascending, up to the largest pixel
     thresholds = grid[: int(np.floor(top / step + 1e-9)) + 1][::-1]
     tp = np.concatenate([[0.0], (n_fix - np.searchsorted(fixated, thresholds, side="left")) / n_fix, [1.0]])
     # A pixel at level l lies at or above exactly the thresholds k * step with k < l, so the count of a
