@@ -164,10 +164,8 @@ def run(out_dir: str, *, seeds=(0, 1, 2), ks=(10, 20), model: str = "resnet18", 
                     if arm == "random" and kind != kinds[0] and removed.size == removal_sets(
                             result, k, seed, proponents[kinds[0]])[arm].size:
                         continue  # the same draw as the first kind's
-                    log(f"seed {seed}, K = {k}: retraining {'without' if removal == 'retrain' else 'masking'} "
-                        f"{removed.size} images ({name})")
-                    record, change = _retrain(os.path.join(out_dir, f"seed{seed}", name), bases[seed], removed,
-                                              removal, base_loss[seed], lambda s, name=name: log(f"  {name}: {s}"))
+                    record, change = _retrain(out_dir, seed, name, bases[seed], removed, removal, base_loss[seed],
+                                              log, f"seed {seed}, K = {k}")
                     changes[seed].append((removed, change))
                     summary["runs"].append({"seed": seed, "k": None if arm == "reorder" else k, "arm": arm,
                                             "influence": kind if arm in ("proponents", "random") else None, **record})
@@ -179,10 +177,8 @@ def run(out_dir: str, *, seeds=(0, 1, 2), ks=(10, 20), model: str = "resnet18", 
         for seed in seeds:
             removed = half_subset(len(bases[seed][1]["train_labels"]), seed, j)
             name = f"half{j:02d}" + ("-masked" if removal == "mask" else "")
-            log(f"seed {seed}: half-subset {j + 1}/{lds}, retraining {'without' if removal == 'retrain' else 'masking'} "
-                f"{removed.size} images ({name})")
-            record, change = _retrain(os.path.join(out_dir, f"seed{seed}", name), bases[seed], removed, removal,
-                                      base_loss[seed], lambda s, name=name: log(f"  {name}: {s}"))
+            record, change = _retrain(out_dir, seed, name, bases[seed], removed, removal, base_loss[seed], log,
+                                      f"seed {seed}: half-subset {j + 1}/{lds}")
             halves[seed].append((removed, change))
             summary.setdefault("half_runs", []).append({"seed": seed, "half": j, **record,
                                                          "loss_change": [float(c) for c in change]})
@@ -194,15 +190,18 @@ def run(out_dir: str, *, seeds=(0, 1, 2), ks=(10, 20), model: str = "resnet18", 
     return summary
 
 
-def _retrain(run_dir: str, base: tuple, removed: np.ndarray, removal: str, base_loss: np.ndarray, log) -> tuple:
-    """Retrains the base run's recipe without (or masking) the training images `removed`; returns (the
-    run's record: removed, errors, fixed, fixed_ids, new_errors, accuracy, training_s; the change of
-    each error's loss at its predicted label (M,))."""
+def _retrain(out_dir: str, seed: int, name: str, base: tuple, removed: np.ndarray, removal: str,
+             base_loss: np.ndarray, log, what: str) -> tuple:
+    """Retrains the base run's recipe without (or masking) the training images `removed` in
+    out_dir/seed{seed}/{name}, logging `what` first; returns (the run's record: removed, errors, fixed,
+    fixed_ids, new_errors, accuracy, training_s; the change of each error's loss at its predicted label (M,))."""
     config, result, _, pred, true, errors = base
+    run_dir = os.path.join(out_dir, f"seed{seed}", name)
+    log(f"{what}: retraining {'without' if removal == 'retrain' else 'masking'} {removed.size} images ({name})")
     ids = tuple(result["train"].ids[i] for i in removed)
     edits = label_edits.LabelEdits(**{"remove" if removal == "retrain" else "mask": ids})
-    train.fit(config, run_dir, progress=False, log=log, held_out=False, label_edits=edits,
-              keep_epochs=str(config.epochs))
+    train.fit(config, run_dir, progress=False, log=lambda s: log(f"  {name}: {s}"), held_out=False,
+              label_edits=edits, keep_epochs=str(config.epochs))
     probs, _ = held_out_probs(run_dir, config)
     now = probs.argmax(1)
     record = {"removed": int(removed.size), "errors": int(errors.size),
