@@ -7,6 +7,7 @@ the model and feed it: model, num_classes, class_names, stem, image_size, normal
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -238,6 +239,18 @@ def check_tree(stored, target, source: str) -> None:
 
 def _key(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def digest(ckpt: Checkpoint) -> str:
+    """Returns the SHA-256 (hex) of what the checkpoint computes: the model fields of its metadata and
+    every variable's path, dtype, shape and bytes. Copies of a run (another path) give the same digest."""
+    h = hashlib.sha256(repr([ckpt.meta.get(k) for k in ("model", "num_classes", "stem", "image_size",
+                                                         "normalization")]).encode())
+    for path, leaf in sorted((_key(p), v) for p, v in jax.tree_util.tree_leaves_with_path(ckpt.variables)):
+        arr = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{path}|{arr.dtype.str}|{arr.shape}".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
 
 
 def to_numpy(tree):

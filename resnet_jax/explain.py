@@ -175,12 +175,14 @@ def nearest(test_features, train_features, top: int, chunk: int = 4096) -> np.nd
     return best.largest()[0]
 
 
-def _store_key(traj, train_view, method, project_params, project_dim, seed) -> dict:
+def _store_key(traj, ckpts, train_view, method, project_params, project_dim, seed) -> dict:
+    """What the stored training outputs depend on: the checkpoints' contents (not their path, so a copied
+    run reuses its store), the data and labels, the method and projection."""
     ids = hashlib.sha256("\n".join(train_view.ids).encode()).hexdigest()
     labels = hashlib.sha256(np.asarray(train_view.labels, np.int32).tobytes()).hexdigest()
     proj = method == "proj"
-    return {"format": STORE_FORMAT, "checkpoint": os.path.abspath(traj.directory), "steps": traj.steps,
-            "method": method, "project_params": project_params if proj else None,
+    return {"format": STORE_FORMAT, "checkpoints_sha256": [checkpoint.digest(c) for c in ckpts],
+            "steps": traj.steps, "method": method, "project_params": project_params if proj else None,
             "project_dim": project_dim if proj else None, "seed": seed if proj else None,
             "data": train_view.spec, "ids_sha256": ids, "labels_sha256": labels}
 
@@ -243,7 +245,7 @@ def explain(ckpt_dir: str, train_spec: str | None = None, test_spec: str | None 
               "test_predicted": test_pred, "trajectory": traj, "seconds": seconds, "method": method, "kind": kind}
     if chosen.size == 0:
         return result
-    key = _store_key(traj, train_view, method, project_params, project_dim, seed)
+    key = _store_key(traj, ckpts, train_view, method, project_params, project_dim, seed)
     train_outs = load_store(store, key)
     result["reused_store"] = train_outs is not None
     started = time.perf_counter()

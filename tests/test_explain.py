@@ -197,6 +197,19 @@ def test_projected_influence_within_what_the_dimension_predicts(outputs, exact):
     assert rms[1024] < 0.75 * rms[256]  # predicted: half
 
 
+def test_checkpoint_digest_follows_the_weights_not_the_path(learned, tmp_path):
+    _, run = learned
+    shutil.copytree(run, tmp_path / "copy")
+    steps = checkpoint.steps(run)
+    first, last = checkpoint.load(run, steps[0]), checkpoint.load(run, steps[-1])
+    assert checkpoint.digest(checkpoint.load(str(tmp_path / "copy"), steps[-1])) == checkpoint.digest(last)
+    assert checkpoint.digest(first) != checkpoint.digest(last)
+    params_ = jax.tree.map(np.array, last.variables["params"])
+    params_["fc"]["bias"][0] += 1e-6  # one weight moved by one float32 step or so
+    moved = checkpoint.Checkpoint(last.step, {**last.variables, "params": params_}, None, last.meta)
+    assert checkpoint.digest(moved) != checkpoint.digest(last)
+
+
 def test_running_top_and_summary_against_numpy():
     rng = np.random.default_rng(0)
     scores = rng.normal(size=(5, 37)).round(1)  # ties
@@ -274,7 +287,14 @@ def test_cli_explains_and_refuses_bad_input(learned, tmp_path, capsys):
     assert odd["proponents"][0]["train_id"].endswith(ODD) and odd["predicted_label"] == "square"
     assert len(open(os.path.join(out, "explain.csv")).read().splitlines()) == 1 + errors.size * 2 * 3
     assert len(os.listdir(os.path.join(out, "figures"))) == errors.size
-    assert os.path.isfile(os.path.join(out, "train-store", "store.json"))
+    assert os.path.isfile(os.path.join(out, "train-store", "store.json")) and not summary["reused_store"]
+    # a copy of the run (another path, the same weights) reuses the store: keyed by content
+    copy = str(tmp_path / "copy")
+    shutil.copytree(run, copy)
+    code, stdout, err = run_cli(["explain", "--ckpt", copy, "--method", "fc", "--quiet", "--top", "3", "--out", out],
+                                capsys)
+    again = json.load(open(os.path.join(out, "explain.json")))
+    assert code == 0 and again["reused_store"] and again["images"] == summary["images"], err
     # one checkpoint: still works, says so
     code, stdout, err = run_cli(base + ["--steps", str(STEPS // EVERY), "--out", out], capsys)
     assert code == 0 and "single-checkpoint approximation" in stdout, err
