@@ -205,7 +205,7 @@ def test_checkpoint_digest_follows_the_weights_not_the_path(learned, tmp_path):
     assert checkpoint.digest(checkpoint.load(str(tmp_path / "copy"), steps[-1])) == checkpoint.digest(last)
     assert checkpoint.digest(first) != checkpoint.digest(last)
     params_ = jax.tree.map(np.array, last.variables["params"])
-    params_["fc"]["bias"][0] += 1e-6  # one weight moved by one float32 step or so
+    params_["fc"]["bias"][0] += 1e-6  # one weight moved by 1e-6
     moved = checkpoint.Checkpoint(last.step, {**last.variables, "params": params_}, None, last.meta)
     assert checkpoint.digest(moved) != checkpoint.digest(last)
 
