@@ -242,10 +242,9 @@ def _key(path) -> str:
 
 
 def digest(ckpt: Checkpoint) -> str:
-    """Returns the SHA-256 (hex) of what the checkpoint computes: the model fields of its metadata and
-    every variable's path, dtype, shape and bytes. Copies of a run (another path) give the same digest."""
-    h = hashlib.sha256(repr([ckpt.meta.get(k) for k in ("model", "num_classes", "stem", "image_size",
-                                                         "normalization")]).encode())
+    """Returns the SHA-256 (hex) of what the checkpoint is: its metadata fields META_KEYS and every
+    variable's path, dtype, shape and bytes. Copies of a run (another path) give the same digest."""
+    h = hashlib.sha256(repr([ckpt.meta.get(k) for k in META_KEYS]).encode())
     for path, leaf in sorted((_key(p), v) for p, v in jax.tree_util.tree_leaves_with_path(ckpt.variables)):
         arr = np.ascontiguousarray(np.asarray(leaf))
         h.update(f"{path}|{arr.dtype.str}|{arr.shape}".encode())
