@@ -1,11 +1,12 @@
-# Two commands for a new user: `make reproduce` (the main job) and `make test`.
+# Two commands for a new user: `make reproduce` (the main job) and `make test`; `make docs` builds
+# the documentation with its API reference into build/site (offline, warnings are errors).
 # Each creates .venv and installs the project on a fresh machine.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: reproduce test install clean
+.PHONY: reproduce test docs install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +21,10 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[test,tfds,cleanlab]'
 	touch $@ $(VENV)/.installed
 
+$(VENV)/.installed-docs: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[docs]'
+	touch $@ $(VENV)/.installed
+
 install: $(VENV)/.installed
 
 reproduce: $(VENV)/.installed
@@ -28,5 +33,8 @@ reproduce: $(VENV)/.installed
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q $(ARGS)
 
+docs: $(VENV)/.installed-docs
+	$(BIN)/python -m mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) results
+	rm -rf $(VENV) results build

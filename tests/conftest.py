@@ -12,7 +12,7 @@ def tiny_folder(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_ckpt(tiny_folder, tmp_path_factory):
     """A resnet18 (small stem, 24 px) trained for one epoch on tiny_folder."""
-    from resnet_jax import train
+    from resnet_jax.training import train
 
     out = str(tmp_path_factory.mktemp("ckpt") / "r18")
     config = train.TrainConfig(model="resnet18", data=f"folder:{tiny_folder}", epochs=1, batch_size=8,

@@ -65,7 +65,7 @@ def float64():
 def per_sample_grads(model, variables, images, labels, paths):
     """Per-sample jax.grad loop of the cross-entropy: flat gradients (N, D) float64 over the parameter
     `paths` ("layer4_1/bn2/scale", ...) in their order; an independent reference for the engines."""
-    from resnet_jax import models
+    from resnet_jax.core import models
 
     def loss(v, image, label):
         logits, _ = models.apply(model, v, image[None])

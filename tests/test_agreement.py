@@ -4,7 +4,7 @@ import itertools
 import numpy as np
 import pytest
 
-from metrics import agreement, saliency
+from resnet_jax.metrics import agreement, saliency
 
 
 def test_same_class_pairs_enumerate_all_pairs():

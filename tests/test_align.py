@@ -18,7 +18,8 @@ import optax
 import pytest
 
 from helpers import float64
-from resnet_jax import align, models, train
+from resnet_jax.training import align, train
+from resnet_jax.core import models
 from resnet_jax.errors import UserError
 
 

@@ -18,9 +18,11 @@ import numpy as np
 import pytest
 
 from helpers import assert_one_line_error, make_folder, run_cli
-from metrics import detection
-from resnet_jax import audit, checkpoint, data, labels, models, params, projection, train, trajectory
-from resnet_jax.bench import random_variables
+from resnet_jax.metrics import detection
+from resnet_jax.jobs import audit, trajectory
+from resnet_jax.core import checkpoint, data, models, params, projection
+from resnet_jax.training import labels, train
+from resnet_jax.benchmarks.speed import random_variables
 from resnet_jax.errors import UserError
 
 SIZE = 24  # small stem: layer4 maps 3x3
@@ -275,7 +277,8 @@ def test_bench_against_cleanlab_out_of_sample(tiny_folder, tmp_path):
     from scipy.special import softmax
     from sklearn.model_selection import StratifiedKFold
 
-    from resnet_jax import audit_bench, train
+    from resnet_jax.benchmarks import audit as audit_bench
+    from resnet_jax.training import train
 
     out = str(tmp_path / "bench")
     spec = f"folder:{tiny_folder}"
@@ -307,6 +310,7 @@ def test_bench_against_cleanlab_out_of_sample(tiny_folder, tmp_path):
 
 
 def test_cli_default_methods_are_the_audit_defaults():
-    from resnet_jax import cli
+    from resnet_jax.cli import audit as cli_audit
 
-    assert cli.AUDIT_DEFAULT_METHODS == audit.DEFAULT_METHODS
+    methods = next(p for p in cli_audit.audit_cmd.params if p.name == "methods")
+    assert methods.default == ",".join(audit.DEFAULT_METHODS)

@@ -147,7 +147,7 @@ def test_similarity_honours_the_predicted_label_source(capsys, tiny_ckpt, tiny_f
 
 
 def test_train_resumes_and_refuses_other_runs(capsys, tiny_folder, tmp_path):
-    from resnet_jax import checkpoint
+    from resnet_jax.core import checkpoint
 
     out = str(tmp_path / "run")
     args = ["train", "--data", f"folder:{tiny_folder}", "--image-size", "24", "--stem", "small", "--batch-size",
@@ -164,7 +164,8 @@ def test_images_per_epoch_limits_the_steps(capsys, tiny_folder, tmp_path):
     the ~24 training images would be 3 steps)."""
     import jax
 
-    from resnet_jax import checkpoint, models, train
+    from resnet_jax.core import checkpoint, models
+    from resnet_jax.training import train
 
     out = str(tmp_path / "run")
     args = ["train", "--data", f"folder:{tiny_folder}", "--image-size", "24", "--stem", "small", "--batch-size",

@@ -8,17 +8,11 @@ import numpy as np
 import pytest
 from sklearn.decomposition import PCA
 
-import clustering
-from clustering.cluster import (
-    align_clusters,
-    cluster,
-    cluster_and_score,
-    hungarian_accuracy,
-    reduce_gram,
-    reduce_pca,
-    scores,
-)
-from clustering.misclassified import centroid_report, confusion_pairs, kron_centroid_report, most_confident_wrong
+import resnet_jax.clustering as clustering
+from resnet_jax.clustering.cluster import (align_clusters, cluster, cluster_and_score, hungarian_accuracy,
+                                           reduce_gram, reduce_pca, scores)
+from resnet_jax.clustering.misclassified import (centroid_report, confusion_pairs, kron_centroid_report,
+                                                 most_confident_wrong)
 
 
 def blobs(n_per=25, k=4, dim=6, seed=0):
@@ -86,7 +80,7 @@ def test_reduce_gram_matches_explicit_pca_of_fc_gradients():
 def test_reduce_gram_large_path_matches_the_dense_one(monkeypatch):
     """Above _EXACT_GRAM_MAX rows reduce_gram uses ARPACK on the centred operator (no copy of G):
     the same scores as scikit-learn's PCA of the explicit rows."""
-    from clustering import cluster as module
+    from resnet_jax.clustering import cluster as module
 
     rng = np.random.default_rng(3)
     X = rng.standard_normal((300, 20)) @ np.diag(np.linspace(3, 0.1, 20)) + 2.0

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from resnet_jax import checkpoint, convert, models
+from resnet_jax.core import checkpoint, weights as convert, models
 from resnet_jax.errors import UserError
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from resnet_jax import data
+from resnet_jax.core import data
 from resnet_jax.errors import UserError
 
 HAS_TFDS = importlib.util.find_spec("tensorflow_datasets") is not None
@@ -428,7 +428,7 @@ def test_folder_without_masks_and_default_size(pets):
 
 def test_imports_and_runs_without_tensorflow_or_tfds():
     proc = run_hidden("""
-        from resnet_jax import data
+        from resnet_jax.core import data
         from resnet_jax.errors import UserError
         assert "tensorflow_datasets" not in sys.modules and "tensorflow" not in sys.modules
         batch = next(data.load("digits").batches(2))
@@ -534,7 +534,7 @@ def test_tfds_prepared_array_record(tiny_array_record):
 @needs_tfds
 def test_tfds_array_record_needs_no_tensorflow(tiny_array_record):
     proc = run_hidden(f"""
-        from resnet_jax import data
+        from resnet_jax.core import data
         import tensorflow_datasets as tfds
         ds = data.load("tfds:resnet_jax_tiny_pets:train", image_size=16, data_dir={tiny_array_record!r})
         batch = next(ds.batches(5))
@@ -621,7 +621,7 @@ def test_tfds_tfrecord_streams_with_tensorflow(tmp_path_factory, tiny_array_reco
     with pytest.raises(UserError, match="array_record"):
         ds.take([0])
     proc = run_hidden(f"""
-        from resnet_jax import data
+        from resnet_jax.core import data
         from resnet_jax.errors import UserError
         try:
             data.load("tfds:resnet_jax_tiny_pets:train", data_dir={stream_dir!r})

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from resnet_jax import device_check as dc
+from resnet_jax.benchmarks import device_check as dc
 from test_data import run_hidden
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,7 +66,10 @@ def test_table_and_targets_arithmetic():
 
 def test_package_imports_and_extracts_without_tensorflow(tiny_ckpt, tiny_folder, tmp_path):
     proc = run_hidden(f"""
-        from resnet_jax import bench, cams, cli, device_check, extract, gradcam, prefetch, precision
+        from resnet_jax import cli
+        from resnet_jax.benchmarks import device_check, speed
+        from resnet_jax.core import gradcam, prefetch, precision
+        from resnet_jax.jobs import cams, extract
         assert "tensorflow_datasets" not in sys.modules and "tensorflow" not in sys.modules
         m = extract.run_extract({tiny_ckpt!r}, "folder:{tiny_folder}", {str(tmp_path / "s")!r}, limit=5,
                                 progress=False)
@@ -75,3 +78,25 @@ def test_package_imports_and_extracts_without_tensorflow(tiny_ckpt, tiny_folder,
     """, ("tensorflow", "tensorflow_datasets"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "ROWS 5" in proc.stdout
+
+
+def test_an_external_torch_script_is_run_with_our_arguments(tmp_path):
+    """`--torch-script PATH`: another comparison taking torch_compare's arguments; its rows fill the
+    PyTorch columns (a stand-in script here, so no torch is needed)."""
+    script = tmp_path / "other.py"
+    script.write_text(
+        "import argparse, json\n"
+        "ap = argparse.ArgumentParser()\n"
+        "for a in ('--models', '--size', '--batch', '--vmap-batch', '--loop-n', '--json'): ap.add_argument(a)\n"
+        "a = ap.parse_args()\n"
+        "rows = {'forward': float(a.batch) * 10, 'vmap_grad_fc_only': float(a.size)}\n"
+        "json.dump({'torch': 'stand-in', a.models: rows}, open(a.json, 'w'))\n")
+    config = {"models": {"resnet18": {"batch": 4, "vmap_batch": 2}}, "size": 72, "loop_n": 2}
+    results, skip = dc.run_torch_compare(config, str(tmp_path), None, str(script))
+    assert skip is None and results["resnet18"] == {"forward": 40.0, "vmap_grad_fc_only": 72.0}
+    assert results["_meta"] == {"torch": "stand-in"}
+    results, skip = dc.run_torch_compare(config, str(tmp_path), None, str(tmp_path / "missing.py"))
+    assert results == {} and "is not there" in skip
+    script.write_text("raise SystemExit(3)\n")
+    results, _ = dc.run_torch_compare(config, str(tmp_path), None, str(script))
+    assert all("failed (exit 3)" in v for v in results["resnet18"].values())

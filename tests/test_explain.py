@@ -24,12 +24,15 @@ from PIL import Image
 from scipy.stats import spearmanr
 
 from helpers import assert_one_line_error, make_folder, per_sample_grads, run_cli
-from metrics.attribution import RunningTop, proponent_summary, removal_correlation, removal_correlation_null
-from resnet_jax import (audit_bench, checkpoint, data, explain, explain_bench, labels, models, params, projection,
-                        trajectory)
-from resnet_jax.bench import random_variables
+from resnet_jax.metrics.attribution import (RunningTop, proponent_summary, removal_correlation,
+                                            removal_correlation_null)
+from resnet_jax.benchmarks import audit as audit_bench, explain as explain_bench
+from resnet_jax.core import checkpoint, data, models, params, projection
+from resnet_jax.jobs import explain, trajectory
+from resnet_jax.training import labels
+from resnet_jax.benchmarks.speed import random_variables
 from resnet_jax.errors import UserError
-from resnet_jax.losses import cross_entropy
+from resnet_jax.core.losses import cross_entropy
 
 SIZE = 24  # small stem: layer4 maps 3x3
 STEPS, EVERY, RATE = 30, 10, 1e-3  # full-batch Adam steps, a checkpoint every EVERY steps, its learning rate
@@ -253,7 +256,7 @@ def test_the_flipped_duplicate_is_the_top_proponent_of_its_error(outputs):
 def test_error_figures_pad_every_gradcam_call_to_one_shape(learned, tmp_path, monkeypatch):
     """The figures compute Grad-CAM in calls of FIGURE_BATCH images, the last one padded, so that one
     compile serves them all; every figure gets the map of its own image, as one unpadded call gives."""
-    from resnet_jax import gradcam
+    from resnet_jax.core import gradcam
 
     result = explain.explain(learned[1], errors_only=False, top=2, method="fc", progress=False)
     n = result["explained"].size
@@ -269,6 +272,31 @@ def test_error_figures_pad_every_gradcam_call_to_one_shape(learned, tmp_path, mo
     explain.error_figures(result, str(tmp_path))
     assert shapes == [3] * -(-n // 3) and sorted(drawn) == list(range(n))
     np.testing.assert_allclose(np.stack([drawn[m] for m in range(n)]), want, atol=1e-5)
+
+
+def test_each_checkpoint_is_restored_once(learned, tmp_path, monkeypatch):
+    """explain and its figures restore every checkpoint of the trajectory once, not T + 1 times."""
+    restored = []
+    real = checkpoint.load
+    monkeypatch.setattr(checkpoint, "load", lambda d, step=None, **kw: restored.append(step) or real(d, step, **kw))
+    result = explain.explain(learned[1], errors_only=False, top=2, method="fc", progress=False)
+    monkeypatch.setattr(explain, "_one_figure", lambda res, m, image, cam, path, shown: path)
+    explain.error_figures(result, str(tmp_path))
+    steps = list(result["trajectory"].steps)
+    assert len(steps) > 1 and sorted(restored) == sorted(steps)
+
+
+def test_api_explanation_holds_the_jobs_arrays(learned):
+    import resnet_jax as rj
+
+    got = rj.explain(learned[1], errors_only=False, top=2, method="fc", progress=False)
+    want = explain.explain(learned[1], errors_only=False, top=2, method="fc", progress=False)
+    assert isinstance(got, rj.Explanation) and isinstance(got.proponents, rj.Proponents)
+    assert np.array_equal(got.explained, want["explained"]) and np.array_equal(got.predicted, want["predicted"])
+    assert np.array_equal(got.proponents.indices, want["proponents"])
+    np.testing.assert_allclose(got.proponents.scores, want["proponent_scores"])
+    assert got.train_ids == tuple(want["train"].ids) and len(got.test_ids) == got.explained.size
+    assert got.steps == tuple(want["trajectory"].steps) and got.method == "fc"
 
 
 def test_cli_explains_and_refuses_bad_input(learned, tmp_path, capsys):
@@ -324,7 +352,7 @@ def test_cli_explains_and_refuses_bad_input(learned, tmp_path, capsys):
 
 
 def test_bench_removal_sets_and_table_against_hand_counts():
-    from metrics.attribution import spread
+    from resnet_jax.metrics.attribution import spread
 
     rng = np.random.default_rng(1)
     logits = rng.normal(size=(50, 4)) * 3
@@ -443,8 +471,9 @@ def test_half_subsets_are_seeded_halves():
 
 
 def test_cli_influence_choices_are_the_explain_kinds():
-    from resnet_jax import cli_explain
+    from resnet_jax.cli import bench as cli_bench, explain as cli_explain
 
-    assert cli_explain.INFLUENCES == explain.INFLUENCES  # the first is the default of both
-    removal = next(p for p in cli_explain.bench_explain_cmd.params if p.name == "removal")
+    kind = next(p for p in cli_explain.explain_cmd.params if p.name == "kind")
+    assert tuple(kind.type.choices) == explain.INFLUENCES and kind.default == explain.INFLUENCES[0]
+    removal = next(p for p in cli_bench.bench_explain_cmd.params if p.name == "removal")
     assert tuple(removal.type.choices) == explain_bench.REMOVALS and removal.default == explain_bench.REMOVALS[0]

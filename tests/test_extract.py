@@ -8,8 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-from resnet_jax import checkpoint, data, extract, grads, models
-from resnet_jax.bench import random_variables
+from resnet_jax.core import checkpoint, data, grads, models
+from resnet_jax.jobs import extract
+from resnet_jax.benchmarks.speed import random_variables
 from resnet_jax.errors import UserError
 
 C, SIZE, BS, LIMIT = 10, 72, 4, 10  # digits: 10 classes at 72 px; shards of 4, 4, 2 rows
@@ -154,7 +155,7 @@ def test_process_slice(ckpt, full_store, tmp_path):
 def test_fc_store_keeps_factors_and_reads_like_rows(ckpt, full_store, tmp_path):
     """Without save_gw the fc store holds no N x (d*C + C) file; Representations rebuilds the rows,
     their Gram matrix and their cosine summary from the factors, equal to the rows extracted."""
-    from resnet_jax.analysis import Representations
+    from resnet_jax.paper.analysis import Representations
 
     out = str(tmp_path / "store")
     man = extract.run_extract(ckpt[0], "digits", out, batch_size=BS, limit=LIMIT, progress=False)

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from helpers import make_folder, run_cli
-from resnet_jax import files
+from resnet_jax.core import files
 from resnet_jax.cli import cli, failure_line
 
 
@@ -43,7 +43,7 @@ def assert_clean(code, err, want_code, word):
 @pytest.fixture(scope="module")
 def tiny_store(tiny_ckpt, tiny_folder, tmp_path_factory):
     """An fc store of the tiny checkpoint on its 30 images."""
-    from resnet_jax import extract
+    from resnet_jax.jobs import extract
 
     out = str(tmp_path_factory.mktemp("store") / "s")
     extract.run_extract(tiny_ckpt, f"folder:{tiny_folder}:all", out, batch_size=16, progress=False, log=lambda s: None)
@@ -112,7 +112,7 @@ def test_one_class_and_sixteen_bit_pngs(capsys, tmp_path):
     assert_clean(code, err, 2, "two")
     assert not (tmp_path / "t").exists()
     # A 16-bit greyscale PNG is scaled by 65535, not clipped at 255 (which made 98% of pixels white).
-    from resnet_jax.data.images import rgb_array
+    from resnet_jax.core.data.images import rgb_array
 
     ramp = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
     Image.fromarray(ramp).save(tmp_path / "deep.png")
@@ -176,7 +176,7 @@ def test_extract_that_fails_before_its_first_shard_leaves_nothing(capsys, tiny_c
 
 
 def test_unfinished_store_of_changed_data_restarts(capsys, tiny_ckpt, tmp_path):
-    from resnet_jax import extract
+    from resnet_jax.jobs import extract
 
     folder = make_folder(tmp_path / "data", per_class=4)
     out = str(tmp_path / "store")
@@ -191,7 +191,7 @@ def test_unfinished_store_of_changed_data_restarts(capsys, tiny_ckpt, tmp_path):
 
 
 def test_reproduce_leftover_configuration_does_not_block(tmp_path):
-    from resnet_jax import reproduce
+    from resnet_jax.paper import reproduce
 
     out = str(tmp_path / "r")
     reproduce._prepare_out_dir(out, {"checkpoints": {"resnet18": "/MISSING"}}, force=False)
@@ -227,7 +227,7 @@ def _tiny_tmpfs(path, size):
 
 
 def test_full_disk(capsys, tiny_store, tmp_path, monkeypatch):
-    from resnet_jax import checkpoint
+    from resnet_jax.core import checkpoint
 
     disk = str(tmp_path / "disk")
     mounted = _tiny_tmpfs(disk, "1m")
@@ -263,8 +263,9 @@ def test_full_disk(capsys, tiny_store, tmp_path, monkeypatch):
 
 def test_unexpected_errors_are_one_line_with_exit_1(capsys, monkeypatch):
     from resnet_jax import cli as cli_module
+    from resnet_jax.core import files
 
-    monkeypatch.setattr(cli_module.files, "check_out_dir", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(files, "check_out_dir", lambda *a, **k: 1 / 0)
     code, _, err = run_cli(["similarity", "x", "--out", "y"], capsys)
     lines = err.strip().splitlines()
     assert code == 1 and len(lines) == 1 and "ZeroDivisionError" in lines[0] and "RESNET_JAX_DEBUG" in lines[0]
@@ -362,7 +363,7 @@ def test_failure_lines_name_the_file_and_the_fix():
 def test_convert_refuses_nan_weights_and_makes_normal_directories(capsys, tmp_path):
     from safetensors.numpy import save_file
 
-    from resnet_jax import convert
+    from resnet_jax.core import weights as convert
 
     state = {k: np.full(s, 0.5, np.float32) if s else np.array(0, np.int64) for k, s in convert.torchvision_keys("resnet18")}
     state["layer2.0.conv1.weight"] = state["layer2.0.conv1.weight"].copy()
@@ -387,7 +388,7 @@ def test_convert_refuses_nan_weights_and_makes_normal_directories(capsys, tmp_pa
 def test_nan_loss_without_a_checkpoint_says_so(capsys, tiny_folder, tmp_path, monkeypatch):
     import jax.numpy as jnp
 
-    from resnet_jax import train
+    from resnet_jax.training import train
 
     monkeypatch.setattr(train, "cross_entropy", lambda logits, labels: jnp.full(labels.shape, jnp.nan))
     out = tmp_path / "t"

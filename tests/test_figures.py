@@ -5,7 +5,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from clustering.figures import image_grid, pca_grid
+from resnet_jax.plots import image_grid, pca_grid
 
 
 def small_reps(n=30, seed=0):

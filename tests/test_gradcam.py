@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnet_jax import gradcam as gc
-from resnet_jax import models
-from resnet_jax.bench import random_variables
+from resnet_jax.core import gradcam as gc
+from resnet_jax.core import models
+from resnet_jax.benchmarks.speed import random_variables
 from resnet_jax.errors import UserError
 
 N, C, SIZE = 3, 7, 72  # resnet18 at 72 px: layer4 maps are 3x3, layer3 6x6

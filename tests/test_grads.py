@@ -23,9 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from resnet_jax import grads, models, projection
-from resnet_jax.params import layout, select_paths
-from resnet_jax.bench import random_variables
+from resnet_jax.core import grads, models, projection
+from resnet_jax.core.params import layout, select_paths
+from resnet_jax.benchmarks.speed import random_variables
 from resnet_jax.errors import UserError
 
 B, C, SIZE = 5, 6, 72  # resnet18 at 72 px: layer4 maps 3x3; B=5 pads to 8 on 8 devices
@@ -51,7 +51,7 @@ SUBPROCESS = textwrap.dedent("""
     import os, pickle, sys
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     import jax, numpy as np
-    from resnet_jax import grads, models
+    from resnet_jax.core import grads, models
     assert jax.device_count() == 8, jax.devices()
     inp = pickle.load(open(sys.argv[1], "rb"))
     model = models.create("resnet18", num_classes=inp["C"])

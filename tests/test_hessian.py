@@ -23,8 +23,10 @@ from jax.flatten_util import ravel_pytree
 from jax.tree_util import Partial
 
 from helpers import float64
-from resnet_jax import bench, hessian, models
-from resnet_jax.bench import random_variables
+from resnet_jax.benchmarks import speed as bench
+from resnet_jax.training import hessian
+from resnet_jax.core import models
+from resnet_jax.benchmarks.speed import random_variables
 from resnet_jax.errors import UserError
 
 C = 3

@@ -14,8 +14,9 @@ import pytest
 from safetensors.numpy import save_file
 
 from helpers import float64, make_folder, run_cli
-from resnet_jax import convert, extract, grads, losses, models
-from resnet_jax.bench import random_variables
+from resnet_jax.core import weights as convert, grads, losses, models
+from resnet_jax.jobs import extract
+from resnet_jax.benchmarks.speed import random_variables
 
 MARGINS = [0, 10, 20, 40, 80]
 

@@ -11,8 +11,9 @@ import pytest
 from sklearn.metrics.pairwise import cosine_similarity
 
 from helpers import run_cli
-from resnet_jax import checkpoint, gradcam, grads, models, precision
-from resnet_jax.bench import random_variables
+from resnet_jax.benchmarks import precision as precision_bench
+from resnet_jax.core import checkpoint, gradcam, grads, models, precision
+from resnet_jax.benchmarks.speed import random_variables
 from resnet_jax.errors import UserError
 
 C, SIZE, B = 6, 72, 4
@@ -51,7 +52,7 @@ def test_bf16_fc_gradients_against_the_float32_closed_form():
 
 
 def test_accuracy_report_against_independent_cosines():
-    report = precision.accuracy(MODEL, VARIABLES, IMAGES, LABELS, project_dim=64)
+    report = precision_bench.accuracy(MODEL, VARIABLES, IMAGES, LABELS, project_dim=64)
     fc32 = grads.compute(MODEL, VARIABLES, IMAGES, LABELS, params="fc")["gw"]
     fc16 = grads.compute(precision.with_precision(MODEL, "bf16"), VARIABLES, IMAGES, LABELS, params="fc")["gw"]
     want = np.diag(cosine_similarity(fc32.astype(np.float64), fc16.astype(np.float64)))
@@ -59,7 +60,7 @@ def test_accuracy_report_against_independent_cosines():
     assert report["fc_cosine"]["min"] == pytest.approx(want.min(), abs=1e-9)
     assert report["n"] == B and 0.95 < report["projected_all_cosine"]["mean"] <= 1.0 + 1e-9
     assert -1 <= report["gradcam_cc"]["min"] <= report["gradcam_cc"]["mean"] <= 1
-    np.testing.assert_allclose(precision.row_cosines(np.zeros((1, 3)), np.zeros((1, 3))), [1.0])
+    np.testing.assert_allclose(precision_bench.row_cosines(np.zeros((1, 3)), np.zeros((1, 3))), [1.0])
 
 
 def test_bf16_gradcam_close_to_fp32():

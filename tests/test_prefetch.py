@@ -8,9 +8,9 @@ import time
 import numpy as np
 import pytest
 
-from resnet_jax import models
-from resnet_jax.prefetch import (BackgroundWriter, activation_bytes_per_example, auto_batch_size,
-                                 choose_batch_size, free_device_bytes, prefetch)
+from resnet_jax.core import models
+from resnet_jax.core.prefetch import (BackgroundWriter, activation_bytes_per_example, auto_batch_size,
+                                      choose_batch_size, free_device_bytes, prefetch)
 
 
 def test_prefetch_yields_in_order_and_runs_ahead_by_at_most_depth():
@@ -131,7 +131,7 @@ def test_batch_size_from_device_memory():
 
 
 def test_extract_without_batch_size_resumes_with_the_stores_own(tiny_ckpt, tiny_folder, tmp_path):
-    from resnet_jax import extract
+    from resnet_jax.jobs import extract
 
     spec = f"folder:{tiny_folder}"
     out = str(tmp_path / "store")

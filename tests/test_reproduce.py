@@ -9,16 +9,39 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from helpers import run_cli
 
 
+HELD_OUT = {"opened": 0, "reads": 0}  # the first run's openings of the held-out split and reads of its images
+
+
 @pytest.fixture(scope="module")
 def quick_results(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("reproduce") / "results")
     from resnet_jax.cli import main
+    from resnet_jax.core.data import digits
 
-    try:
-        main(["reproduce", "--quick", "--out", out, "--quiet"])
-    except SystemExit as e:
-        assert not e.code
+    opened, read = digits.DigitsSource.__init__, digits.DigitsSource.read
+
+    def counting_init(self, split, *args, **kwargs):
+        HELD_OUT["opened"] += split == "test"
+        opened(self, split, *args, **kwargs)
+
+    def counting_read(self, idx, *args, **kwargs):
+        HELD_OUT["reads"] += self.split == "test"
+        return read(self, idx, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(digits.DigitsSource, "__init__", counting_init)
+        mp.setattr(digits.DigitsSource, "read", counting_read)
+        try:
+            main(["reproduce", "--quick", "--out", out, "--quiet"])
+        except SystemExit as e:
+            assert not e.code
     return out
+
+
+def test_held_out_split_is_opened_and_decoded_once_per_model(quick_results):
+    # one opening checks the split before anything is written, one feeds the model (training does
+    # not open it); its images are decoded once, for extract, Grad-CAM and the figures together
+    assert HELD_OUT == {"opened": 2, "reads": 1}
 
 
 def test_quick_writes_every_output(quick_results):

@@ -5,18 +5,8 @@ import scipy.stats
 from skimage.metrics import structural_similarity
 from sklearn.metrics import roc_auc_score
 
-from metrics.saliency import (
-    METRICS,
-    UndefinedMetricError,
-    auc_borji,
-    auc_judd,
-    cc,
-    kld,
-    nss,
-    score_batch,
-    sim,
-    ssim,
-)
+from resnet_jax.metrics.saliency import (METRICS, UndefinedMetricError, auc_borji, auc_judd, cc, kld, nss,
+                                         score_batch, sim, ssim)
 
 EPS = 2.0**-52
 

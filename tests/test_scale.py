@@ -10,7 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from resnet_jax import extract
+from resnet_jax.jobs import extract
 
 N, D, C = 10_000, 2048, 100
 
@@ -27,8 +27,9 @@ MEASURE = textwrap.dedent("""
         except OSError:
             return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
-    from clustering import cluster
-    from resnet_jax import analysis, extract
+    from resnet_jax.clustering import cluster
+    from resnet_jax.jobs import extract
+    from resnet_jax.paper import analysis
     t0 = time.perf_counter()
     rep = analysis.Representations.from_store(extract.load_store(sys.argv[1]))
     row = analysis.table1_row("synthetic", rep, None)["row"]

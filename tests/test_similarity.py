@@ -4,15 +4,9 @@ import itertools
 import numpy as np
 import pytest
 
-from metrics import similarity
-from metrics.similarity import (
-    benchmark_similarity,
-    fc_gradient_cosine_summary,
-    fc_gradient_deltas,
-    fc_gradient_gram,
-    fc_gradients,
-    pairwise_cosine_summary,
-)
+from resnet_jax.metrics import similarity
+from resnet_jax.metrics.similarity import (benchmark_similarity, fc_gradient_cosine_summary, fc_gradient_deltas,
+                                           fc_gradient_gram, fc_gradients, pairwise_cosine_summary)
 
 
 def brute_force_summary(X, labels):

@@ -25,7 +25,8 @@ def _original_index(image_id: str) -> int:
 
 
 def test_validation_slice_is_stratified_and_disjoint_from_the_held_out_split():
-    from resnet_jax import data, train
+    from resnet_jax.core import data
+    from resnet_jax.training import train
 
     train_set = data.load("digits", default_split="train")
     test_set = data.load("digits", default_split="test")
@@ -52,7 +53,7 @@ def test_out_of_range_stopping_options(capsys, tmp_path, option, value):
 
 
 def test_stopping_rule_on_histories():
-    from resnet_jax import train
+    from resnet_jax.training import train
 
     config = train.TrainConfig(epochs=6, patience=2, time_budget=100.0)
     history = lambda accs: [{"epoch": i + 1, "validation_accuracy": a, "seconds": 10.0 * (i + 1)}
@@ -71,7 +72,8 @@ def test_training_stops_at_the_target_and_resumes_after_a_kill(tmp_path):
     during epoch 2, rerun, and must continue from epoch 1's checkpoint to the target, well before the cap."""
     import jax
 
-    from resnet_jax import checkpoint, data, models, train
+    from resnet_jax.core import checkpoint, data, models
+    from resnet_jax.training import train
 
     folder = _colour_folder(tmp_path / "colours")
     out = str(tmp_path / "run")
@@ -121,7 +123,7 @@ def test_training_stops_at_the_target_and_resumes_after_a_kill(tmp_path):
 
 
 def test_redrawn_digits_keep_glyph_and_label_but_move_and_renoise():
-    from resnet_jax import data
+    from resnet_jax.core import data
     from resnet_jax.errors import UserError
 
     ds = data.load("digits", default_split="train")
@@ -157,7 +159,8 @@ def test_precise_batch_stats_make_eval_mode_match_the_batch_it_measured():
     over two batches they are the mean of the two single-batch estimates."""
     import jax
 
-    from resnet_jax import models, train
+    from resnet_jax.core import models
+    from resnet_jax.training import train
 
     model = models.create("resnet18", 3, "small")
     variables = models.init(model, jax.random.key(0), 24)
@@ -176,7 +179,7 @@ def test_precise_batch_stats_make_eval_mode_match_the_batch_it_measured():
 def test_reproduce_caps_epochs_on_the_cpu_and_lets_the_target_decide_on_an_accelerator(monkeypatch):
     import jax
 
-    from resnet_jax import reproduce
+    from resnet_jax.paper import reproduce
 
     assert reproduce.default_epochs() == reproduce.DEFAULT_EPOCHS
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")

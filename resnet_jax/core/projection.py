@@ -1,0 +1,148 @@
+"""Seeded random projections of per-example gradients (`project_dim=k`, `seed`,
+`projection="rademacher"|"gaussian"`, `kron=(k1, k2)`).
+
+gw_n = sum over selected leaves l of vec(g_{n,l}) @ R_l, with R_l a (D_l, k) matrix that depends
+only on (seed, path of l, shape of l, k, k1, k2, distribution): its factors (below) are drawn
+with jax.random (threefry) from key_l = fold_in(jax.random.key(seed), crc32(path) & 0x7fffffff),
+once per `build` in one jitted call, and replicated. Entries are +-1 (Rademacher, the default)
+or N(0, 1), all scaled by 1/sqrt(k), so E[R R^T] = I: squared norms and inner products are
+preserved in expectation (Johnson-Lindenstrauss). Nothing depends on the device count.
+Rank <= 1 leaves use M (m, k) floats of factors, rank >= 2 leaves (f + o) * k / 8 (kron 8x8).
+  * leaves of rank <= 1 (biases, BatchNorm scales), size m: R_l = M / sqrt(k), M = draw(key_l, (m, k)).
+  * leaves of rank >= 2, viewed as (f, o) = (prod(shape[:-1]), shape[-1]) (a conv kernel's
+    (kh*kw*cin, cout), a dense kernel's (d, C)): kA, kB = split(key_l); A = draw(kA, (f, r*k1)),
+    B = draw(kB, (o, r*k2)), r = ceil(k / (k1*k2)); R_l is the first k columns of
+    [A_1 (x) B_1 | ... | A_r (x) B_r] / sqrt(k), where A_j = A[:, j*k1:(j+1)*k1],
+    B_j = B[:, j*k2:(j+1)*k2] and (x) is numpy's kron (row index i*o + c, column a*k2 + b).
+    Output column j*k1*k2 + a*k2 + b therefore is sum_p (x_patch(p) . A[:, j*k1+a]) *
+    (g(p) . B[:, j*k2+b]) / sqrt(k): a convolution of the layer input with A (k/k2 channels)
+    and a matmul of the cotangent with B, so neither the per-example gradient nor R is formed.
+    For fc this is the Kronecker projection (h A_j) (x) (delta B_j). Larger k1, k2 make the
+    projection cheaper and noisier: for a rank-one gradient the relative variance of a squared
+    norm is about (2/k1 + 2/k2) / r (dense JL: 2/k); gradients of convolutions are sums over
+    many positions and fare better. Default kron=(8, 8): at k=1024, r=16 blocks. Measured on the fc
+    gradients of a ResNet-18 store (digits, 200 images, 5,130 dimensions, 3 seeds), the error of the
+    pairwise cosines has a standard deviation of 0.067 at k=1024 (8x8), 0.046 (4x4), 0.042 (1x1) and
+    0.042 at k=2048 (8x8), against 0.029 for a dense Rademacher projection at k=1024: blocks of rank-one
+    columns cannot reach the dense error on rank-one gradients, so a cosine error <= 0.03 needs
+    k >= 2048 with 1x1 blocks (0.028) or no projection.
+`projection_matrix(layout, ...)` builds the explicit (D, k) matrix (small sizes only, for checks).
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from resnet_jax.errors import UserError
+from resnet_jax.core.params import Layout
+
+PROJECTIONS = ("rademacher", "gaussian")
+DEFAULT_KRON = (8, 8)
+
+
+@dataclass(frozen=True)
+class Projection:
+    """A seeded random projection to `dim` columns (see the module docstring)."""
+
+    dim: int
+    seed: int = 0
+    kind: str = "rademacher"
+    kron: tuple = DEFAULT_KRON
+
+    def __post_init__(self):
+        if isinstance(self.dim, bool) or not isinstance(self.dim, (int, np.integer)) or self.dim < 1:
+            raise UserError(f"projection dimension must be a positive integer, got {self.dim!r}: "
+                            f"pass e.g. --project-dim 1024 (or none for the full gradient)")
+        if self.kind not in PROJECTIONS:
+            raise UserError(f"unknown projection {self.kind!r}: choose one of {', '.join(PROJECTIONS)}")
+        k1, k2 = self.kron
+        if int(k1) < 1 or int(k2) < 1:
+            raise UserError(f"kron factors must be positive, got {self.kron}: pass e.g. (8, 8)")
+
+    @property
+    def blocks(self) -> int:
+        k1, k2 = self.kron
+        return -(-self.dim // (k1 * k2))
+
+    def to_json(self) -> dict:
+        return {"dim": int(self.dim), "seed": int(self.seed), "kind": self.kind, "kron": list(self.kron)}
+
+
+def _leaf_key(seed, path: str):
+    return jax.random.fold_in(jax.random.key(seed), zlib.crc32(path.encode()) & 0x7FFFFFFF)
+
+
+def _draw(key, shape, kind):
+    if kind == "gaussian":
+        return jax.random.normal(key, shape, jnp.float32)
+    return jax.random.rademacher(key, shape).astype(jnp.float32)
+
+
+def leaf_factors(proj: Projection, path: str, shape) -> tuple:
+    """The projection factors of one leaf (traceable): (M,) with M (m, k) for rank <= 1, else (A, B)
+    with A (f, r*k1), B (o, r*k2). The 1/sqrt(k) scale is not included."""
+    key = _leaf_key(proj.seed, path)
+    if len(shape) <= 1:
+        return (_draw(key, (math.prod(shape), proj.dim), proj.kind),)
+    f, o = math.prod(shape[:-1]), shape[-1]
+    k1, k2 = proj.kron
+    ka, kb = jax.random.split(key)
+    return (_draw(ka, (f, proj.blocks * k1), proj.kind), _draw(kb, (o, proj.blocks * k2), proj.kind))
+
+
+def make_factors(proj: Projection, lay: Layout) -> dict:
+    """{path: leaf_factors} for every leaf of the layout, generated by one jitted call (once per
+    GradFn: drawing them inside every step would cost more than the projection on CPUs; the call
+    is compiled once per projection and layout, not once per GradFn)."""
+    return _draw_factors(proj, tuple((p, tuple(s)) for p, s, _ in lay.entries))
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _draw_factors(proj: Projection, entries: tuple) -> dict:
+    return {p: leaf_factors(proj, p, s) for p, s in entries}
+
+
+def projection_matrix(lay: Layout, proj: Projection) -> np.ndarray:
+    """The explicit (D, k) matrix R with gw = g @ R (small layouts only: tests and checks)."""
+    k1, k2 = proj.kron
+    blocks = []
+    for path, shape, _ in lay.entries:
+        fac = leaf_factors(proj, path, shape)
+        if len(fac) == 1:
+            blocks.append(np.asarray(fac[0]))
+        else:
+            a, b = np.asarray(fac[0]), np.asarray(fac[1])
+            cols = [np.kron(a[:, j * k1:(j + 1) * k1], b[:, j * k2:(j + 1) * k2]) for j in range(proj.blocks)]
+            blocks.append(np.concatenate(cols, axis=1)[:, :proj.dim])
+    return np.concatenate(blocks, axis=0) / np.sqrt(proj.dim)
+
+
+def project_pair(xa, gb, proj: Projection):
+    """sum over positions of outer products, per block: xa (B, ..., r*k1), gb (B, ..., r*k2) -> (B, k)."""
+    k1, k2 = proj.kron
+    r = proj.blocks
+    n = xa.shape[0]
+    xa = xa.reshape(n, -1, r, k1)
+    gb = gb.reshape(n, -1, r, k2)
+    out = jnp.einsum("npra,nprb->nrab", xa, gb, preferred_element_type=jnp.float32).reshape(n, r * k1 * k2)
+    return out[:, :proj.dim]
+
+
+def project_leaf(g, fac, proj: Projection):
+    """Projects full per-example leaf gradients g (B, *shape) with the leaf's factors -> (B, k), unscaled."""
+    n = g.shape[0]
+    if len(fac) == 1:
+        return g.reshape(n, -1) @ fac[0]
+    a, b = fac
+    k1, k2 = proj.kron
+    r = proj.blocks
+    g = g.reshape(n, a.shape[0], b.shape[0])
+    t = jnp.einsum("nfo,fra->nora", g, a.reshape(a.shape[0], r, k1))
+    out = jnp.einsum("nora,orb->nrab", t, b.reshape(b.shape[0], r, k2)).reshape(n, r * k1 * k2)
+    return out[:, :proj.dim]
