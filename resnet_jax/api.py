@@ -22,6 +22,7 @@ import numpy as np
 from resnet_jax.core import checkpoint, gradcam as _gradcam, grads as _grads, models, weights
 from resnet_jax.core.weights import convert as convert_weights
 from resnet_jax.core.data import Dataset, load as load_data, normalize
+from resnet_jax.core.data.arrays import unit_float
 from resnet_jax.core.models import MODEL_NAMES
 from resnet_jax.errors import UserError
 from resnet_jax.jobs import audit as _audit, explain as _explain
@@ -107,15 +108,7 @@ class Model:
         if x.ndim != 4 or x.shape[-1] != 3:
             raise UserError(f"images must be (N, H, W, 3) RGB, got shape {x.shape}: "
                             f"channels last (numpy: x.transpose(0, 2, 3, 1) from NCHW)")
-        if x.dtype == np.uint8:
-            x = x.astype(np.float32) / 255.0
-        elif np.issubdtype(x.dtype, np.floating):
-            x = x.astype(np.float32)
-            if x.size and (not np.isfinite(x).all() or x.min() < 0.0 or x.max() > 1.0):
-                raise UserError(f"float images must be finite and in [0, 1], got [{x.min():.3g}, {x.max():.3g}]: "
-                                f"divide uint8 pixels by 255 (or pass the uint8 array)")
-        else:
-            raise UserError(f"images must be uint8 or float, got {x.dtype}")
+        x = unit_float(x)
         return normalize(x, self.normalization)
 
     def logits(self, images, *, batch_size: int = 64, preprocess: bool = True) -> np.ndarray:

@@ -371,8 +371,8 @@ def error_figures(result: dict, fig_dir: str, shown: int = 6) -> list[str]:
     from resnet_jax.core.grads import pad_rows
 
     os.makedirs(fig_dir, exist_ok=True)
-    traj, test = result["trajectory"], result["test"]
-    ckpt = result["checkpoints"][-1] if "checkpoints" in result else checkpoint.load(traj.directory, traj.steps[-1])
+    test = result["test"]
+    ckpt = result["checkpoints"][-1]  # restored by `explain`
     paths, chunk, n = [], FIGURE_BATCH, result["explained"].size
     for start in range(0, n, chunk):
         part = result["explained"][start:start + chunk]

@@ -7,6 +7,21 @@ import numpy as np
 from resnet_jax.errors import UserError
 
 
+def unit_float(images) -> np.ndarray:
+    """Returns images as float32 in [0, 1]: uint8 pixels divided by 255, floats checked to be finite
+    and in [0, 1]; raises UserError for any other dtype or range."""
+    x = np.asarray(images)
+    if x.dtype == np.uint8:
+        return x.astype(np.float32) / 255.0
+    if not np.issubdtype(x.dtype, np.floating):
+        raise UserError(f"images must be uint8 or float, got {x.dtype}")
+    x = x.astype(np.float32)
+    if x.size and (not np.isfinite(x).all() or x.min() < 0.0 or x.max() > 1.0):
+        raise UserError(f"float images must be finite and in [0, 1], got [{x.min():.3g}, {x.max():.3g}]: "
+                        f"divide uint8 pixels by 255 (or pass the uint8 array)")
+    return x
+
+
 class ArraySource:
     """Images (N, H, W, 3) uint8 or floats in [0, 1], labels (N,), optional ids and masks (N, H, W)."""
 
@@ -18,14 +33,7 @@ class ArraySource:
         x = np.asarray(images)
         if x.ndim != 4 or x.shape[-1] != 3 or x.shape[1] != x.shape[2]:
             raise UserError(f"images must be square RGB (N, H, H, 3), got shape {x.shape}: crop or resize them")
-        if x.dtype == np.uint8:
-            x = x.astype(np.float32) / 255.0
-        elif np.issubdtype(x.dtype, np.floating):
-            x = x.astype(np.float32)
-            if x.size and (not np.isfinite(x).all() or x.min() < 0.0 or x.max() > 1.0):
-                raise UserError("float images must be finite and in [0, 1]: divide uint8 pixels by 255")
-        else:
-            raise UserError(f"images must be uint8 or float, got {x.dtype}")
+        x = unit_float(x)
         y = np.asarray(labels)
         if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer):
             raise UserError(f"labels must be (N,) integers for the {len(x)} images, got {y.dtype} {y.shape}")
