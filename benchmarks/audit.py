@@ -145,6 +145,11 @@ def run(out_dir: str, *, model: str = "resnet18", data_spec: str = "digits", epo
     started = time.perf_counter()
     theirs, issues = cleanlab_scores(given, pred_probs)
     timings["cleanlab_total"] = fold_seconds + time.perf_counter() - started
+    # the scoring rule apart from the cross-validation: cleanlab on the noisy run's own (in-sample) probabilities
+    started = time.perf_counter()
+    in_sample = predict_probs(noisy_dir, ds, np.arange(len(ds)))
+    theirs_in_sample, _ = cleanlab_scores(given, in_sample)
+    in_sample_seconds = time.perf_counter() - started
 
     from resnet_jax.metrics.detection import detection_row
 
@@ -157,6 +162,13 @@ def run(out_dir: str, *, model: str = "resnet18", data_spec: str = "digits", epo
     rows.append({"method": f"cleanlab ({folds}-fold, self-confidence)", **detection_row(theirs, flipped),
                  "models trained": folds, "training s": round(fold_seconds, 1),
                  "scoring s": round(timings["cleanlab_total"] - fold_seconds, 1)})
+    rows.append({"method": "cleanlab (in-sample probabilities, self-confidence)",
+                 **detection_row(theirs_in_sample, flipped), "models trained": 1,
+                 "training s": round(timings["train_noisy"], 1), "scoring s": round(in_sample_seconds, 1)})
+    scored = {**{f"ours: {m}": ours[m] for m in methods}, "cleanlab": theirs, "cleanlab in-sample": theirs_in_sample}
+    intervals = bootstrap_intervals(scored, flipped, seed=seed)
+    for row, name in zip(rows, scored):
+        row.update(intervals[name])
     found = issues & flipped
     out = {"config": {"model": model, "data": data_spec, "epochs": epochs, "batch_size": batch_size, "noise": noise,
                       "noise_seed": noise_seed, "noise_kind": noise_kind, "seed": seed, "folds": folds,
@@ -166,6 +178,8 @@ def run(out_dir: str, *, model: str = "resnet18", data_spec: str = "digits", epo
            "find_label_issues": {"flagged": int(issues.sum()), "precision": float(found.sum() / max(1, issues.sum())),
                                  "recall": float(found.sum() / flipped.sum())},
            "suggestions": summary["suggestions"],
+           "memorised": float(np.mean(in_sample.argmax(1)[flipped] == given[flipped])),
+           "versus_cleanlab": {m: paired_difference(flipped, ours[m], theirs, seed) for m in methods},
            "cleanlab_suggestion_restores_original": float(np.mean(pred_probs.argmax(1)[flipped]
                                                                   == original[flipped]))}
     files.write_json(os.path.join(out_dir, "bench-audit.json"), out)
@@ -214,3 +228,35 @@ def ranking_top(scores, count: int) -> np.ndarray:
 
 def _noise_kwargs(edits: label_edits.LabelEdits) -> dict:
     return {"noise_rate": edits.noise_rate, "noise_seed": edits.noise_seed, "noise_kind": edits.noise_kind}
+
+
+def bootstrap_intervals(scores: dict, is_error, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+    """Returns {name: {"auroc_low", "auroc_high", "ap_low", "ap_high"}}: percentile bootstrap intervals of
+    each ranking's AUROC and average precision, the images resampled with replacement (the same resamples
+    for every ranking); resamples without a flip or without a clean image are redrawn."""
+    from sklearn.metrics import average_precision_score
+
+    from resnet_jax.metrics.error_scores import auroc_ranks
+
+    is_error = np.asarray(is_error, bool)
+    names = list(scores)
+    S = np.stack([np.asarray(scores[n], np.float64) for n in names])
+    rng = np.random.default_rng(seed)
+    aurocs, aps = [], []
+    while len(aurocs) < n_boot:
+        idx = rng.integers(0, is_error.size, is_error.size)
+        e = is_error[idx]
+        if 0 < e.sum() < e.size:
+            aurocs.append(auroc_ranks(e, S[:, idx]))
+            aps.append([average_precision_score(e, S[k, idx]) for k in range(len(names))])
+    q = [(1 - level) / 2, (1 + level) / 2]
+    a, p = np.quantile(np.asarray(aurocs), q, axis=0), np.quantile(np.asarray(aps), q, axis=0)
+    return {n: {"auroc_low": float(a[0, k]), "auroc_high": float(a[1, k]), "ap_low": float(p[0, k]),
+                "ap_high": float(p[1, k])} for k, n in enumerate(names)}
+
+
+def paired_difference(is_error, ours, theirs, seed: int = 0) -> dict:
+    """AUROC(ours) - AUROC(cleanlab's) with its paired bootstrap interval (`error_scores.paired_auroc_difference`)."""
+    from resnet_jax.metrics.error_scores import paired_auroc_difference
+
+    return paired_auroc_difference(is_error, ours, theirs, seed=seed)

@@ -137,3 +137,34 @@ def most_confident_wrong(probs, y, top=10):
     confidence = probs[np.arange(len(pred)), pred]
     wrong = np.flatnonzero(pred != y)
     return wrong[np.argsort(-confidence[wrong], kind="stable")][:top].astype(np.int64)
+
+
+def centroid_rule(similarities, y, p) -> dict:
+    """What "predict the class of the nearest centroid" does to a model's predictions, fixes and breaks.
+
+    similarities (N, C): each image's similarity to each class centroid (built from other images, e.g.
+    the training images: -inf where a class has none); y (N,) true and p (N,) predicted classes. The
+    rule's class is the argmax (ties: lowest class). Returns a dict of counts: n, errors (y != p),
+    changed (rule != p), fixed (errors the rule gets right), broken (correct predictions the rule gets
+    wrong), model_accuracy, rule_accuracy, and the chance baseline at the same change rate q =
+    changed / n: a rule that changes each prediction with probability q to a uniformly drawn other
+    class fixes q * errors / (C - 1) and breaks q * correct in expectation (chance_fixed,
+    chance_broken, chance_accuracy).
+    """
+    S = np.asarray(similarities, np.float64)
+    if S.ndim != 2 or S.shape[1] < 2:
+        raise ValueError(f"similarities must be (N, C) with C >= 2, got shape {S.shape}")
+    y = as_labels(y, "y", S.shape[0], classes=True)
+    p = as_labels(p, "p", S.shape[0], classes=True)
+    n, c = S.shape
+    rule = S.argmax(axis=1)
+    wrong = y != p
+    changed = int(np.sum(rule != p))
+    q = changed / n if n else 0.0
+    errors, correct = int(wrong.sum()), int((~wrong).sum())
+    chance_fixed, chance_broken = q * errors / (c - 1), q * correct
+    return {"n": int(n), "errors": errors, "changed": changed,
+            "fixed": int(np.sum(wrong & (rule == y))), "broken": int(np.sum(~wrong & (rule != y))),
+            "model_accuracy": correct / n if n else None, "rule_accuracy": float(np.mean(rule == y)) if n else None,
+            "chance_fixed": chance_fixed, "chance_broken": chance_broken,
+            "chance_accuracy": (correct - chance_broken + chance_fixed) / n if n else None}

@@ -300,6 +300,13 @@ def test_bench_against_cleanlab_out_of_sample(tiny_folder, tmp_path):
     theirs = rows["cleanlab (2-fold, self-confidence)"]
     assert theirs["auroc"] == pytest.approx(detection.detection_row(1 - self_confidence, is_error)["auroc"], abs=1e-6)
     assert theirs["models trained"] == 2 and rows["ours: tracin"]["models trained"] == 1
+    ckpt = checkpoint.load(os.path.join(out, "noisy"))  # cleanlab's rule on the noisy run's own probabilities
+    own = softmax(np.asarray(train.make_eval_step(ckpt.model)(ckpt.variables, ds.take(np.arange(len(ds))).images), np.float64), axis=1)
+    in_sample = rows["cleanlab (in-sample probabilities, self-confidence)"]
+    assert in_sample["auroc"] == pytest.approx(
+        detection.detection_row(1 - own[np.arange(len(ds)), given], is_error)["auroc"], abs=1e-6)
+    assert result["memorised"] == pytest.approx(np.mean(own.argmax(1)[flipped] == given[flipped]))
+    assert theirs["auroc_low"] <= theirs["auroc"] <= theirs["auroc_high"]
     assert result["n_flipped"] == flipped.size
     summary = json.load(open(os.path.join(out, "audit", "audit.json")))
     top = {r["id"] for r in summary["rows"][:int(np.ceil(0.2 * len(ds)))]}
@@ -314,3 +321,48 @@ def test_cli_default_methods_are_the_audit_defaults():
 
     methods = next(p for p in cli_audit.audit_cmd.params if p.name == "methods")
     assert methods.default == ",".join(audit.DEFAULT_METHODS)
+
+
+def test_bootstrap_intervals_against_a_loop():
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    from resnet_jax.benchmarks.audit import bootstrap_intervals
+
+    rng = np.random.default_rng(0)
+    err = rng.random(80) < 0.2
+    a, b = rng.normal(size=80) + err, rng.normal(size=80)
+    got = bootstrap_intervals({"a": a, "b": b}, err, n_boot=200, seed=3)
+    draws, boot = np.random.default_rng(3), {"a": [], "b": []}
+    aps = {"a": [], "b": []}
+    while len(boot["a"]) < 200:
+        idx = draws.integers(0, 80, 80)
+        if 0 < err[idx].sum() < 80:
+            for name, s in (("a", a), ("b", b)):
+                boot[name].append(roc_auc_score(err[idx], s[idx]))
+                aps[name].append(average_precision_score(err[idx], s[idx]))
+    for name in ("a", "b"):
+        assert got[name]["auroc_low"] == pytest.approx(np.quantile(boot[name], 0.025))
+        assert got[name]["auroc_high"] == pytest.approx(np.quantile(boot[name], 0.975))
+        assert got[name]["ap_high"] == pytest.approx(np.quantile(aps[name], 0.975))
+
+
+def test_audit_grid_resumes_and_aggregates_over_seeds(tiny_folder, tmp_path):
+    from resnet_jax.benchmarks import audit_grid
+
+    out, logs = str(tmp_path / "grid"), []
+    kwargs = dict(seeds=(0, 1), kinds=("symmetric",), rates=(0.25,), epochs=(2,), folds=2,
+                  data_spec=f"folder:{tiny_folder}", methods=("margin", "loss"), batch_size=8, image_size=SIZE,
+                  stem="small")
+    first = audit_grid.run(out, max_cells=1, log=logs.append, **kwargs)
+    assert len(first["cells"]) == 1 and any("run again to resume" in s for s in logs)
+    result = audit_grid.run(out, log=logs.append, **kwargs)
+    assert [c["seed"] for c in result["cells"]] == [0, 1]
+    again = []
+    audit_grid.run(out, log=again.append, **kwargs)
+    assert again == []  # every cell read back, nothing trained
+    (regime,) = result["regimes"]
+    aurocs = [c["detection"][0]["auroc"] for c in result["cells"]]
+    assert regime["ours: margin AUROC"]["mean"] == pytest.approx(np.mean(aurocs))
+    assert regime["ours: margin AUROC"]["std"] == pytest.approx(np.std(aurocs, ddof=1))
+    assert regime["seeds"] == 2 and regime["ours vs cleanlab"]
+    assert os.path.exists(os.path.join(out, "bench-audit-grid.json"))

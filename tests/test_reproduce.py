@@ -117,3 +117,93 @@ def test_fewer_images_than_classes(capsys, tmp_path):
     code, _, err = run_cli(["reproduce", "--quick", "--limit", "12", "--out", str(tmp_path / "r")], capsys)
     assert code == 2 and "has no held-out image" in err
     assert not (tmp_path / "r").exists()
+
+
+def _arrays(run, name):
+    path = os.path.join(run, name)
+    return {k: np.load(os.path.join(path, f"{k}.npy")) for k in ("fm", "logits", "labels")}
+
+
+def test_detection_scores_against_independent_computations(quick_results):
+    """Every detection score of the table recomputed from the stores with loops, scipy and scikit-learn."""
+    import scipy.spatial.distance
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    run = os.path.join(quick_results, "runs", "resnet18")
+    test, train = _arrays(run, "store"), _arrays(run, "train-store")
+    z, h, y = test["logits"].astype(np.float64), test["fm"].astype(np.float64), test["labels"]
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    pred = z.argmax(1)
+    err = pred != y
+    th, ty, c = train["fm"].astype(np.float64), train["labels"], z.shape[1]
+    cos = lambda u, v: u @ v / (np.linalg.norm(u) * np.linalg.norm(v))  # noqa: E731
+    centroids = [np.mean([r / np.linalg.norm(r) for r in th[ty == k]], axis=0) for k in range(c)]
+    cov = sum(np.cov(th[ty == k].T, bias=True) * np.sum(ty == k) for k in range(c)) / len(th)
+    vi = np.linalg.pinv(cov, hermitian=True)
+    means = [th[ty == k].mean(0) for k in range(c)]
+    unit_train = th / np.linalg.norm(th, axis=1, keepdims=True)
+    cams = np.load(os.path.join(run, "gradcam-pred", "cams.npy")).reshape(len(y), -1).astype(np.float64)
+    proj = np.load(os.path.join(run, "store-pred-all", "gw.npy"))
+    expected = {"msp": -p.max(1), "margin": -np.diff(np.sort(p, 1)[:, -2:], axis=1)[:, 0],
+                "entropy": -np.sum(p * np.log(p), 1),
+                "grad_norm_pred_fc": [np.linalg.norm(np.outer(np.append(h[i], 1), p[i] - np.eye(c)[pred[i]]))
+                                      for i in range(len(y))],
+                "grad_norm_pred_all": np.linalg.norm(proj, axis=1),
+                "fm_centroid_cosine": [1 - cos(h[i], centroids[pred[i]]) for i in range(len(y))],
+                "fm_mahalanobis": [min(scipy.spatial.distance.mahalanobis(h[i], m, vi) ** 2 for m in means)
+                                   for i in range(len(y))],
+                "fm_knn": [np.sort(np.linalg.norm(unit_train - h[i] / np.linalg.norm(h[i]), axis=1))[9]
+                           for i in range(len(y))],
+                "cam_entropy": [-sum(q * np.log(q) for q in m / m.sum() if q > 0) for m in np.clip(cams, 0, None)]}
+    results = json.load(open(os.path.join(quick_results, "results.json")))
+    rows = {r["key"]: r for r in results["models"]["resnet18"]["detection"]["rows"]}
+    assert set(expected) <= set(rows)
+    for key, score in expected.items():
+        assert rows[key]["auroc"] == pytest.approx(roc_auc_score(err, score), abs=2e-3), key
+        assert rows[key]["aupr"] == pytest.approx(average_precision_score(err, score), abs=2e-2), key
+    assert results["models"]["resnet18"]["detection"]["errors"] == int(err.sum())
+
+
+def test_centroid_rule_uses_training_centroids(quick_results):
+    run = os.path.join(quick_results, "runs", "resnet18")
+    test, train = _arrays(run, "store"), _arrays(run, "train-store")
+    h, y, pred = test["fm"].astype(np.float64), test["labels"], test["logits"].argmax(1)
+    th, ty = train["fm"].astype(np.float64), train["labels"]
+    unit = lambda m: m / np.linalg.norm(m, axis=1, keepdims=True)  # noqa: E731
+    centroids = unit(np.stack([unit(th[ty == k]).mean(0) for k in range(10)]))
+    rule = (unit(h) @ centroids.T).argmax(1)
+    results = json.load(open(os.path.join(quick_results, "results.json")))
+    r = results["models"]["resnet18"]["detection"]["centroid_rule"]["FM"]
+    assert r["fixed"] == int(np.sum((pred != y) & (rule == y)))
+    assert r["broken"] == int(np.sum((pred == y) & (rule != y)))
+    assert r["changed"] == int(np.sum(rule != pred))
+    assert r["chance_fixed"] == pytest.approx(r["changed"] / len(y) * np.sum(pred != y) / 9)
+    text = open(os.path.join(quick_results, "tables.md")).read()
+    assert "Can a representation tell which predictions are wrong?" in text and "Beats the maximum softmax" in text
+    assert os.path.getsize(os.path.join(quick_results, "detection.csv")) > 0
+
+
+def test_gw_cosine_never_exceeds_fm1(quick_results):
+    row = json.load(open(os.path.join(quick_results, "results.json")))["models"]["resnet18"]["table1"]
+    assert row["Cos_Sim_GW"] <= row["Cos_Sim_FM1"]
+
+
+def test_seeds_report_mean_and_spread(tmp_path):
+    """Two seeds of a one-epoch run: each seed's results kept, every cell their mean ± sample SD."""
+    from resnet_jax.paper import reproduce
+
+    out = str(tmp_path / "r")
+    results = reproduce.run(["resnet18"], out_dir=out, quick=True, limit=40, epochs={"resnet18": 1}, seeds=2,
+                            progress=False, log=lambda s: None)
+    runs = results["runs"]["resnet18"]
+    assert sorted(runs) == ["resnet18-seed0", "resnet18-seed1"]
+    assert os.path.isdir(os.path.join(out, "runs", "resnet18-seed1", "checkpoint"))
+    values = [r["table1"]["Cos_Sim_FM"] for r in runs.values()]
+    cell = results["models"]["resnet18"]["table1"]["Cos_Sim_FM"]
+    assert cell["mean"] == pytest.approx(np.mean(values)) and cell["std"] == pytest.approx(np.std(values, ddof=1))
+    aurocs = [r["detection"]["rows"][0]["auroc"] for r in runs.values()]
+    assert results["models"]["resnet18"]["detection"]["rows"][0]["auroc"]["values"] == pytest.approx(aurocs)
+    text = open(os.path.join(out, "tables.md")).read()
+    assert f"{np.mean(values):.6f} ± {np.std(values, ddof=1):.6f}" in text
+    assert "over 2 seeds" in text

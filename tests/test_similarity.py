@@ -264,3 +264,22 @@ def test_benchmark_similarity_small():
     assert result["max_abs_diff"] < 1e-6  # float32 data
     with pytest.raises(ValueError, match="n_brute"):
         benchmark_similarity(n=10, d=2, n_brute=20)
+
+
+def test_fc_gradient_cosine_factorises_and_is_bounded_by_fm1():
+    """cos(GW_i, GW_j) = cos([h_i,1],[h_j,1]) cos(delta_i, delta_j) for explicit gradients, so GW's cosine
+    never exceeds [FM,1]'s (the identity tables.IDENTITIES names)."""
+    rng = np.random.default_rng(7)
+    h = np.abs(rng.normal(size=(12, 6)))  # post-ReLU features
+    z = rng.normal(size=(12, 4)) * 3
+    y = rng.integers(0, 4, 12)
+    p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    a = np.concatenate([h, np.ones((12, 1))], axis=1)
+    delta = p - np.eye(4)[y]
+    g = np.stack([np.outer(a[i], delta[i]).ravel() for i in range(12)])
+    unit = lambda m: m / np.linalg.norm(m, axis=1, keepdims=True)  # noqa: E731
+    cos_g, cos_a, cos_d = unit(g) @ unit(g).T, unit(a) @ unit(a).T, unit(delta) @ unit(delta).T
+    np.testing.assert_allclose(cos_g, cos_a * cos_d, atol=1e-12)
+    assert np.all(cos_g <= cos_a + 1e-12)
+    same = y[:, None] == y[None, :]
+    assert np.all(cos_d[same] >= 0.5 - 1e-12)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from resnet_jax.cli.options import (IMAGE_SIZE, NON_NEGATIVE_FLOAT, POSITIVE, SEED, model_name)
+from resnet_jax.cli.options import (IMAGE_SIZE, NON_NEGATIVE_FLOAT, POSITIVE, SEED, Int, check_out, model_name)
 from resnet_jax.constants import EXPLAIN_REMOVALS, STAGES, MODEL_CHOICES
 from resnet_jax.core import files
 from resnet_jax.core.compile_cache import enable as setup_jax
@@ -156,6 +156,39 @@ def bench_audit_cmd(model, data_spec, epochs, batch_size, label_noise, noise_see
                f"recall {fli['recall']:.3f}")
     if "retrain" in result:
         click.echo(tables.markdown_table(result["retrain"], list(result["retrain"][0]), 4))
+
+
+@bench.command("audit-grid")
+@click.option("--seeds", "seeds_text", default="0,1,2", show_default=True,
+              help="Seeds of every regime (each one seeds the noise and the training).")
+@click.option("--kinds", default="symmetric,pairs", show_default=True, help="Noise kinds.")
+@click.option("--rates", default="0.1,0.3", show_default=True, help="Noise rates.")
+@click.option("--epochs", "epochs_text", default="6,24", show_default=True,
+              help="Training schedules (epochs): the audit's, and one long enough to memorise the flips.")
+@click.option("--folds", type=Int(2), default=5, show_default=True, help="K of cleanlab's K-fold probabilities.")
+@click.option("--max-cells", type=POSITIVE, default=None, help="Stop after computing this many new cells.")
+@click.option("--out", "out_dir", default="bench-audit-grid", show_default=True,
+              help="Directory of the cells (each cached by its configuration) and bench-audit-grid.json.")
+def bench_audit_grid_cmd(seeds_text, kinds, rates, epochs_text, folds, max_cells, out_dir):
+    """The audit benchmark over noise seeds, kinds, rates and schedules, resumable; mean ± SD per regime."""
+    setup_jax()
+    from resnet_jax.benchmarks import audit_grid
+    from resnet_jax.paper import tables
+
+    try:
+        rate_values = tuple(float(r) for r in rates.split(","))
+    except ValueError:
+        rate_values = ()
+    if not rate_values or not all(0 < r < 1 for r in rate_values):
+        raise UserError(f"--rates takes comma-separated rates in (0, 1) such as 0.1,0.3, got {rates!r}")
+    check_out(out_dir)
+    with files.locked(out_dir):
+        result = audit_grid.run(out_dir, seeds=_ints(seeds_text, "seeds"),
+                                kinds=tuple(k.strip() for k in kinds.split(",")), rates=rate_values,
+                                epochs=_ints(epochs_text, "epochs"), folds=folds, max_cells=max_cells, log=click.echo)
+    if result["regimes"]:
+        click.echo(tables.markdown_table(result["regimes"], list(result["regimes"][0]), 3))
+    click.echo(f"wrote {out_dir}/bench-audit-grid.json ({len(result['cells'])} cells)")
 
 
 def _write_json(path, obj) -> None:

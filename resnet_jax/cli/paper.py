@@ -26,6 +26,9 @@ MODELS_DEFAULT = ",".join(MODEL_CHOICES)
 @click.option("--quick", is_flag=True, help="ResNet-18 only, 3 epochs, 200 held-out images (about 2 minutes).")
 @click.option("--limit", type=POSITIVE, default=None, help="Analyse only the first N held-out images.")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of training, data and samples.")
+@click.option("--seeds", type=POSITIVE, default=1, show_default=True,
+              help="Train and analyse every model with N seeds (--seed, --seed + 1, ...); every table cell is then "
+                   "the mean ± standard deviation over them.")
 @click.option("--force", is_flag=True, help="Replace results of another configuration in --out.")
 @click.option("--grad-align", type=NON_NEGATIVE_FLOAT, default=0.0, show_default=True,
               help="Also train each model with the gradient-alignment loss (this λ1) and compare side by side.")
@@ -33,7 +36,7 @@ MODELS_DEFAULT = ",".join(MODEL_CHOICES)
               help="λ2 (mutual information) of the aligned runs.")
 @stopping_options("target_accuracy", "time_budget")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def reproduce_cmd(models_text, data_spec, ckpts, out_dir, quick, limit, seed, force, grad_align, grad_mi, stopping,
+def reproduce_cmd(models_text, data_spec, ckpts, out_dir, quick, limit, seed, seeds, force, grad_align, grad_mi, stopping,
                   quiet):
     """Train, extract, Grad-CAM, Tables 1-3, the misclassification report and figures, for each model."""
     setup_jax()
@@ -49,7 +52,7 @@ def reproduce_cmd(models_text, data_spec, ckpts, out_dir, quick, limit, seed, fo
     check_out(out_dir)
     with files.locked(out_dir):
         results = reproduce.run(models, data_spec, given, out_dir, quick=quick, force=force, limit=limit,
-                                seed=seed, grad_align=grad_align, grad_mi=grad_mi, progress=not quiet,
+                                seed=seed, seeds=seeds, grad_align=grad_align, grad_mi=grad_mi, progress=not quiet,
                                 log=click.echo, **stopping)
     click.echo(f"wrote {out_dir}/tables.md, results.json, *.csv and {len(results['figures'])} figures "
                f"in {results['timings']['total_seconds']:.0f} s")

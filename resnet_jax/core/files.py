@@ -95,9 +95,14 @@ def write_csv(path: str, rows: list[dict], columns) -> None:
 
 
 def format_cell(value, digits: int = 4) -> str:
-    """Returns a table cell: floats with `digits` decimals, None as "-"."""
+    """Returns a table cell: floats with `digits` decimals, None as "-", a number over seeds
+    ({"mean", "std", ...}) as "mean ± std"."""
     if value is None:
         return "-"
+    if isinstance(value, dict) and "mean" in value and "std" in value:  # a number over seeds
+        if value["std"] != value["std"]:  # one finite value: no spread
+            return format_cell(value["mean"], digits)
+        return f"{value['mean']:.{digits}f} ± {value['std']:.{digits}f}"
     if isinstance(value, (float, np.floating)):
         return f"{value:.{digits}f}"
     return str(value)

@@ -166,12 +166,15 @@ class Representations:
 
 
 def cosine_summaries(rep: Representations) -> dict:
-    """Returns {"GW", "P", "FM" (and "GW_pred" with factors): CosineSummary as dict}, grouped by the
-    true labels; GW with the store's gradient label."""
+    """Returns {"GW", "P", "FM", "FM1" (and "GW_pred" with factors): CosineSummary as dict}, grouped by
+    the true labels; GW with the store's gradient label; FM1 is [FM, 1], whose cosine bounds the fc GW's
+    pair by pair (tables.IDENTITIES)."""
     from resnet_jax.metrics import similarity
 
     out = {"P": similarity.pairwise_cosine_summary(rep.p, rep.labels),
-           "FM": similarity.pairwise_cosine_summary(rep.fm, rep.labels)}
+           "FM": similarity.pairwise_cosine_summary(rep.fm, rep.labels),
+           "FM1": similarity.pairwise_cosine_summary(np.concatenate([rep.fm, np.ones((len(rep.fm), 1))], axis=1),
+                                                     rep.labels)}
     for space, source in rep.controls().items():
         out[space] = rep.gw_cosine_summary(rep.labels, source)
     return {k: asdict(v) for k, v in out.items()}
@@ -209,6 +212,7 @@ def table1_row(name: str, rep: Representations, cams: dict | None) -> dict:
         row[f"Cos_Sim_{key}"] = summaries[key][intra_key]
         row[f"Inter_{key}"] = summaries[key]["inter"]
         row[f"Gap_{key}"] = summaries[key][intra_key] - summaries[key]["inter"]
+    row["Cos_Sim_FM1"] = summaries["FM1"][intra_key]
     if CONTROL in summaries:
         row["Cos_Sim_GW_pred"] = summaries[CONTROL][intra_key]
         row["Inter_GW_pred"] = summaries[CONTROL]["inter"]

@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from resnet_jax.paper import analysis, tables
+from resnet_jax.paper import analysis, detection, tables
 from resnet_jax.core import files
 from resnet_jax.errors import UserError
 from resnet_jax.core.models import MODEL_NAMES
@@ -40,6 +40,7 @@ DEFAULT_SETTINGS = {
     "resnet34": _DEEP, "resnet50": _DEEP, "resnet101": _DEEPEST, "resnet152": _DEEPEST,
 }
 QUICK = {"models": ("resnet18",), "epochs": 3, "limit": 200}
+PROJECT_DIM = 512  # projected all-parameter gradients of the detection scores (squared norms kept in expectation)
 
 
 def parse_models(text: str) -> list[str]:
@@ -57,7 +58,7 @@ def parse_models(text: str) -> list[str]:
 def run(models: list[str], data_spec: str = "digits", ckpts: dict | None = None, out_dir: str = "results",
         quick: bool = False, force: bool = False, epochs: dict | None = None, limit: int | None = None,
         seed: int = 0, grad_align: float = 0.0, grad_mi: float = 0.0, target_accuracy: float | None = None,
-        time_budget: float | None = None, progress: bool = True, log=print) -> dict:
+        time_budget: float | None = None, progress: bool = True, log=print, seeds: int = 1) -> dict:
     """Runs the whole job; returns the results dict that is also written to results.json.
 
     Each model trains until its validation slice (carved from the training split) reaches
@@ -67,6 +68,12 @@ def run(models: list[str], data_spec: str = "digits", ckpts: dict | None = None,
     With `grad_align` (or `grad_mi`) > 0 every model is trained twice on the same data and seed,
     plainly and with the gradient-alignment loss, and the tables put the two side by side (the
     aligned run is named e.g. "resnet18+align").
+
+    With `seeds` > 1 every model is trained and analysed with the seeds seed, seed + 1, ...,
+    seed + seeds - 1 (training, the digits' rendering and the samples; cached as
+    `runs/<model>-seed<s>/`), and every table cell is the mean ± standard deviation over them
+    (`replicate.aggregate`; results.json keeps each seed's results under "runs"). The figures show
+    the first seed.
     """
     from resnet_jax.core import checkpoint, data
 
@@ -84,7 +91,11 @@ def run(models: list[str], data_spec: str = "digits", ckpts: dict | None = None,
     aligned = grad_align > 0 or grad_mi > 0
     if aligned and ckpts:
         raise UserError("--grad-align trains each model twice: it cannot be combined with --ckpt")
-    config = {"models": models, "data": base_spec, "quick": quick, "seed": seed, "limit": limit,
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise UserError(f"--seeds must be an integer >= 1, got {seeds!r}")
+    if seeds > 1 and ckpts:
+        raise UserError("--seeds trains each model once per seed: it cannot be combined with --ckpt")
+    config = {"models": models, "data": base_spec, "quick": quick, "seed": seed, "seeds": seeds, "limit": limit,
               "grad_align": grad_align, "grad_mi": grad_mi, "target_accuracy": target_accuracy,
               "time_budget": time_budget,
               "epochs": {m: epochs[m] for m in models if m not in ckpts},
@@ -96,18 +107,28 @@ def run(models: list[str], data_spec: str = "digits", ckpts: dict | None = None,
     _prepare_out_dir(out_dir, config, force)
     started = time.perf_counter()
     results = {"config": config, "models": {}, "timings": {}}
-    per_model, loaded = {}, {}
+    per_seed, loaded = {}, {}
     runs = [(m, m, 0.0, 0.0) for m in models]
     if aligned:
         runs = [r for m in models for r in ((m, m, 0.0, 0.0), (f"{m}+align", m, grad_align, grad_mi))]
-    for i, (name, arch, lam1, lam2) in enumerate(runs):
-        log(f"[{i + 1}/{len(runs)}] {name}")
+    runs = [(name, arch, lam1, lam2, s) for name, arch, lam1, lam2 in runs for s in range(seed, seed + seeds)]
+    for i, (name, arch, lam1, lam2, s) in enumerate(runs):
+        key = name if seeds == 1 else f"{name}-seed{s}"
+        log(f"[{i + 1}/{len(runs)}] {key}")
         training = {"epochs": epochs.get(arch), "target_accuracy": target_accuracy, "time_budget": time_budget,
                     "grad_align": lam1, "grad_mi": lam2}
-        per_model[name], loaded[name] = _run_model(name, arch, base_spec, ckpts.get(name), training, out_dir, limit,
-                                                   seed, progress, log)
-        results["timings"][name] = per_model[name].pop("timings")
-    results["models"] = per_model
+        res, objects = _run_model(name, arch, base_spec, ckpts.get(name), training, out_dir, limit, s, progress,
+                                  log, run_name=key)
+        loaded.setdefault(name, objects)  # the figures show the first seed
+        results["timings"][key] = res.pop("timings")
+        per_seed.setdefault(name, {})[key] = res
+    if seeds == 1:
+        results["models"] = {name: next(iter(r.values())) for name, r in per_seed.items()}
+    else:
+        from resnet_jax.paper import replicate
+
+        results["runs"] = per_seed
+        results["models"] = {name: replicate.aggregate(list(r.values())) for name, r in per_seed.items()}
     _figures_and_tables(results, loaded, out_dir, log)
     results["timings"]["total_seconds"] = round(time.perf_counter() - started, 1)
     files.write_json(os.path.join(out_dir, "results.json"), results)
@@ -164,7 +185,8 @@ def _prepare_out_dir(out_dir: str, config: dict, force: bool) -> None:
     files.write_json(path, config)
 
 
-def _run_model(name, arch, base_spec, ckpt_dir, training, out_dir, limit, seed, progress, log) -> tuple[dict, dict]:
+def _run_model(name, arch, base_spec, ckpt_dir, training, out_dir, limit, seed, progress, log,
+               run_name=None) -> tuple[dict, dict]:
     """Trains (or reuses) one model and computes its results; returns (results, loaded): `loaded`
     holds the objects the figures reuse ("ds" the held-out Dataset, "cams", "meta"). `training` holds
     the TrainConfig fields of the run (epochs, target_accuracy, time_budget, grad_align, grad_mi)."""
@@ -172,7 +194,7 @@ def _run_model(name, arch, base_spec, ckpt_dir, training, out_dir, limit, seed, 
     from resnet_jax.core import checkpoint, data
     from resnet_jax.training import train
 
-    run_dir = os.path.join(out_dir, "runs", name)
+    run_dir = os.path.join(out_dir, "runs", run_name or name)
     timings = {}
     t = time.perf_counter()
     if ckpt_dir is None:
@@ -208,10 +230,16 @@ def _run_model(name, arch, base_spec, ckpt_dir, training, out_dir, limit, seed, 
     timings["gradcam"] = round(time.perf_counter() - t, 1)
 
     t = time.perf_counter()
+    train_rep, projected, pred_cams = _detection_inputs(run_dir, ckpt_dir, ckpt, base_spec, ds, limit, seed,
+                                                        progress, log)
+    timings["detection_inputs"] = round(time.perf_counter() - t, 1)
+
+    t = time.perf_counter()
     rep = analysis.Representations.from_store(extract.load_store(store_dir))
     table1 = analysis.table1_row(name, rep, cams)
     clusters = analysis.cluster_spaces(rep, seed)
     report = analysis.misclassification_report(rep)
+    detected = detection.report(rep, train_rep, projected, pred_cams, seed=seed)
     timings["analysis"] = round(time.perf_counter() - t, 1)
     accuracy_heldout = float(np.mean(rep.labels == rep.preds))
     log(f"  held-out accuracy {accuracy_heldout:.4f}; Cos_Sim GW {table1['row']['Cos_Sim_GW']:.3f} "
@@ -224,7 +252,7 @@ def _run_model(name, arch, base_spec, ckpt_dir, training, out_dir, limit, seed, 
               "accuracy": accuracy_heldout, "n": int(len(rep.labels)), "table1": table1["row"],
               "cosine": table1["summaries"], "gw_kind": table1["gw_kind"], "gradcam": cams["summary"],
               "clustering": clusters, "predictions": analysis.prediction_scores(rep),
-              "misclassified": report, "timings": timings}
+              "misclassified": report, "detection": detected, "timings": timings}
     return result, {"ds": ds, "cams": cams, "meta": ckpt.meta}
 
 
@@ -243,8 +271,40 @@ def _finished_training(ckpt_dir: str, config) -> dict | None:
     return stop
 
 
-def _cached_cams(cams_dir, ckpt_dir, step, limit):
-    """Returns the Grad-CAM results in cams_dir if they were computed from this checkpoint step and limit."""
+def _detection_inputs(run_dir, ckpt_dir, ckpt, base_spec, ds, limit, seed, progress, log):
+    """Returns (train, projected, pred_cams) for `detection.report`: the Representations of the training
+    split (None when the data has none), the held-out images' projected all-parameter gradients at the
+    predicted label (N, PROJECT_DIM) and their predicted-class Grad-CAM maps; each cached in run_dir."""
+    from resnet_jax.jobs import cams as camstore, extract
+    from resnet_jax.core import data
+
+    sub = lambda s: log("  " + s)  # noqa: E731
+    try:
+        train_ds = data.load_for_checkpoint(base_spec, ckpt.meta, split="train", seed=seed)
+    except UserError as e:
+        log(f"  detection without the scores that need training images: {e}")
+        train = None
+    else:
+        train_dir = os.path.join(run_dir, "train-store")
+        extract.run_extract(ckpt_dir, train_ds, train_dir, data_seed=seed, progress=progress, loaded=ckpt, log=sub)
+        train = analysis.Representations.from_store(extract.load_store(train_dir))
+    proj_dir = os.path.join(run_dir, "store-pred-all")
+    extract.run_extract(ckpt_dir, ds, proj_dir, grad_params="all", label_source="predicted",
+                        project_dim=PROJECT_DIM, seed=seed, limit=limit, data_seed=seed, progress=progress,
+                        loaded=ckpt, log=sub)
+    projected = np.asarray(extract.load_store(proj_dir)["gw"])
+    cams_dir = os.path.join(run_dir, "gradcam-pred")
+    cams = _cached_cams(cams_dir, ckpt_dir, ckpt.step, limit, label_source="predicted")
+    if cams is None:
+        camstore.run_gradcam(ckpt_dir, ds, cams_dir, label_source="predicted", limit=limit, seed=seed,
+                             progress=progress, loaded=ckpt)
+        cams = camstore.load_cams(cams_dir)
+    return train, projected, np.asarray(cams["cams"])
+
+
+def _cached_cams(cams_dir, ckpt_dir, step, limit, label_source="true"):
+    """Returns the Grad-CAM results in cams_dir if they were computed from this checkpoint step, limit
+    and label source."""
     from resnet_jax.jobs import cams as camstore
 
     try:
@@ -253,7 +313,8 @@ def _cached_cams(cams_dir, ckpt_dir, step, limit):
         return None
     summary = cams["summary"]
     same = (summary.get("checkpoint") == os.path.abspath(ckpt_dir) and summary.get("checkpoint_step") == step
-            and summary.get("limit") == limit and bool(summary["consistency"].get("different")))
+            and summary.get("limit") == limit and summary.get("label_source", "true") == label_source
+            and bool(summary["consistency"].get("different")))
     return cams if same else None
 
 
