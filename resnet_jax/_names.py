@@ -10,8 +10,8 @@ NAMES = (
     "Gradients", "per_example_grads", "GradCAM", "GradCAMPlusPlus",
     # representations and the draft's analyses, on arrays
     "Representations", "cosine_summaries", "cluster_spaces", "misclassification_report", "similarity_table",
-    # label errors and attribution, on arrays
-    "LabelIssues", "label_issues", "Proponents", "influence", "top_proponents",
+    # label errors, wrong predictions and attribution, on arrays
+    "LabelIssues", "label_issues", "ErrorScores", "error_scores", "Proponents", "influence", "top_proponents",
     # jobs on a run or a data set (what the command line runs)
     "TrainConfig", "train", "run_extract", "load_store", "run_gradcam", "audit", "run_audit", "Explanation",
     "explain", "run_explain",

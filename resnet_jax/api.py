@@ -56,6 +56,8 @@ __all__ = [
     "similarity_table",
     "LabelIssues",
     "label_issues",
+    "ErrorScores",
+    "error_scores",
     "Proponents",
     "influence",
     "top_proponents",
@@ -315,6 +317,59 @@ def label_issues(logits, labels, *, features=None, learning_rates=None, methods=
     from resnet_jax.metrics.detection import ranking
 
     return LabelIssues(scores, ranking(scores[methods[0]]), _audit.suggested_labels(outputs), tuple(methods))
+
+
+@dataclass(frozen=True)
+class ErrorScores:
+    """Misclassification-detection scores of N images: `scores` {key: (N,)} (higher: more likely a
+    wrong prediction; keys and meanings in `resnet_jax.metrics.error_scores`), `predictions` (N,), and,
+    when the labels were given, `table`: one row per score with its AUROC, AUPR, FPR at 95% TPR and the
+    paired bootstrap interval of its AUROC difference from the maximum softmax probability."""
+
+    scores: dict
+    predictions: np.ndarray
+    table: list | None = None
+
+
+def error_scores(logits, features=None, *, train_features=None, train_logits=None, train_labels=None,
+                 labels=None, seed: int = 0) -> ErrorScores:
+    """Scores how likely each prediction is wrong, without the images' labels (what `reproduce`'s
+    detection table scores).
+
+    logits (N, C) of the images; features (N, d), their fc input, add the fc-gradient scores; the
+    training images' features, logits and labels add the centroid, Mahalanobis, k-NN and gradient-direction
+    scores. With `labels` (N,) the scores are also rated against the model's errors (`table`)."""
+    from resnet_jax.core.outputs import softmax64
+    from resnet_jax.paper import analysis, detection
+
+    z = np.asarray(logits, np.float64)
+    if z.ndim != 2 or z.shape[1] < 2:
+        raise UserError(f"logits must be (N, C) with C >= 2, got shape {np.shape(logits)}")
+    pred = z.argmax(1)
+
+    def rep(fm, zz, y):
+        fm = np.zeros((len(zz), 1)) if fm is None else np.asarray(fm, np.float64)
+        if fm.ndim != 2 or len(fm) != len(zz):
+            raise UserError(f"features must be (N, d) with one row per row of logits, got shape {fm.shape}")
+        return analysis.Representations(fm=fm, p=softmax64(zz), logits=zz, labels=np.asarray(y),
+                                        preds=zz.argmax(1), label_source="true", gw_kind="kronecker")
+
+    given = [train_features is not None, train_logits is not None, train_labels is not None]
+    if any(given) and not all(given):
+        raise UserError("pass train_features, train_logits and train_labels together (or none of them)")
+    if any(given) and features is None:
+        raise UserError("the training-image scores compare features: pass the images' features too")
+    train = rep(train_features, np.asarray(train_logits, np.float64), np.asarray(train_labels)) if all(given) else None
+    if labels is not None and np.shape(labels) != (len(z),):
+        raise UserError(f"labels must be (N,) = ({len(z)},), got shape {np.shape(labels)}")
+    test = rep(features, z, pred if labels is None else np.asarray(labels))
+    computed = detection.scores(test, train)
+    if features is None:  # only the softmax scores: the rest need the fc input
+        computed = {k: v for k, v in computed.items() if k in ("msp", "margin", "entropy")}
+    table = None
+    if labels is not None:
+        table = [r for r in detection.report(test, train, seed=seed)["rows"] if r["key"] in computed]
+    return ErrorScores(computed, pred, table)
 
 
 # ----------------------------------------------------------------------------- attribution

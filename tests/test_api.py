@@ -221,3 +221,24 @@ def test_load_model_from_a_checkpoint(tiny_ckpt):
     assert model.name == "resnet18" and model.stem == "small" and model.num_classes == 3
     g = rj.per_example_grads(model, IMAGES, LABELS)
     assert g.gw.shape == (5, 512 * 3 + 3) and np.isfinite(g.gw).all()
+
+
+def test_error_scores_from_arrays():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    logits, features = rng.normal(size=(40, 3)) * 3, np.abs(rng.normal(size=(40, 4)))
+    labels = rng.integers(0, 3, 40)
+    tr_f, tr_z, tr_y = np.abs(rng.normal(size=(30, 4))), rng.normal(size=(30, 3)), np.arange(30) % 3
+    got = rj.error_scores(logits, features, train_features=tr_f, train_logits=tr_z, train_labels=tr_y,
+                          labels=labels)
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    np.testing.assert_allclose(got.scores["msp"], -p.max(1))
+    assert {"fm_mahalanobis", "fm_knn", "grad_norm_pred_fc", "grad_dir_pred_fc"} <= set(got.scores)
+    wrong = logits.argmax(1) != labels
+    rows = {r["key"]: r for r in got.table}
+    assert rows["entropy"]["auroc"] == pytest.approx(roc_auc_score(wrong, got.scores["entropy"]))
+    only = rj.error_scores(logits)
+    assert set(only.scores) == {"msp", "margin", "entropy"} and only.table is None
+    with pytest.raises(rj.UserError, match="together"):
+        rj.error_scores(logits, features, train_features=tr_f)

@@ -477,3 +477,10 @@ def test_cli_influence_choices_are_the_explain_kinds():
     assert tuple(kind.type.choices) == explain.INFLUENCES and kind.default == explain.INFLUENCES[0]
     removal = next(p for p in cli_bench.bench_explain_cmd.params if p.name == "removal")
     assert tuple(removal.type.choices) == explain_bench.REMOVALS and removal.default == explain_bench.REMOVALS[0]
+
+
+def test_figure_names_drop_the_image_extension():
+    from resnet_jax.jobs.explain import _safe
+
+    assert _safe("cat/x 1.png") + ".png" == "cat_x_1.png"
+    assert _safe("digits:test:00007") == "digits_test_00007"

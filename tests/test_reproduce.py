@@ -207,3 +207,12 @@ def test_seeds_report_mean_and_spread(tmp_path):
     text = open(os.path.join(out, "tables.md")).read()
     assert f"{np.mean(values):.6f} ± {np.std(values, ddof=1):.6f}" in text
     assert "over 2 seeds" in text
+
+
+def test_every_identity_is_in_the_docs():
+    from resnet_jax.paper.tables import IDENTITIES
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    text = open(os.path.join(root, "docs", "guides", "reproduce.md")).read()
+    for title, _ in IDENTITIES:
+        assert f"**{title}**" in text, title

@@ -45,7 +45,7 @@ def main(argv=None) -> None:
     try:
         cli.main(args=argv, standalone_mode=False)
     except (click.exceptions.Abort, KeyboardInterrupt):
-        click.echo("interrupted", err=True)
+        click.echo("interrupted: run the same command again to resume (finished work is kept)", err=True)
         if argv is None:  # the console script: no teardown racing the compiler threads
             _exit_now(130)
         sys.exit(130)

@@ -49,6 +49,7 @@ import numpy as np
 
 from resnet_jax.jobs import audit, trajectory
 from resnet_jax.core import checkpoint, data, files
+from resnet_jax.core.data.spec import IMAGE_EXTENSIONS
 from resnet_jax.training import labels as label_edits
 from resnet_jax.constants import INFLUENCES
 from resnet_jax.errors import UserError
@@ -386,7 +387,10 @@ def error_figures(result: dict, fig_dir: str, shown: int = 6) -> list[str]:
 
 
 def _safe(text: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(text))[:60]
+    """A file-name stem from an image id: its image extension dropped (no ".png.png"), odd characters as "_"."""
+    stem, ext = os.path.splitext(str(text))
+    text = stem if ext.lower() in IMAGE_EXTENSIONS else str(text)
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in text)[:60]
 
 
 def _unit(img):

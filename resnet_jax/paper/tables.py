@@ -311,7 +311,7 @@ def detection_summary(rows: list[dict]) -> str:
     models = {r["Model"] for r in rows}
     wins = {}
     for r in rows:
-        if r["Beats MSP"] != "baseline":
+        if r["Beats MSP"] != "baseline" and "(baseline)" not in r["Score"]:
             wins.setdefault(r["Score"], set())
             if r["Beats MSP"].startswith("yes"):
                 wins[r["Score"]].add(r["Model"])
