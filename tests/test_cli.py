@@ -213,3 +213,26 @@ def test_aligned_training_runs_and_logs_its_terms(capsys, tiny_folder, tmp_path)
                             str(tmp_path / "neg")], capsys)
     assert_one_line_error(code, err, "--grad-align")
     assert not (tmp_path / "neg").exists()
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--coordinator", "127.0.0.1:1234"], "only with --distributed"),
+    (["--num-processes", "2", "--process-id", "0"], "--num-processes, --process-id take effect only"),
+    (["--distributed", "--coordinator", "notahost", "--num-processes", "2", "--process-id", "0"], "HOST:PORT"),
+    (["--distributed", "--coordinator", "host:99999", "--num-processes", "2", "--process-id", "0"], "HOST:PORT"),
+])
+def test_extract_process_options_checked_up_front(args, fragment, tmp_path, capsys):
+    out = tmp_path / "store"
+    code, _, err = run_cli(["extract", "--ckpt", str(tmp_path / "none"), "--out", str(out), *args], capsys)
+    assert code == 2 and fragment in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_train_refuses_an_extract_store_as_out(tmp_path, capsys):
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "manifest.json").write_text('{"format": "resnet-jax-store/1"}')
+    before = sorted(os.listdir(store))
+    code, _, err = run_cli(["train", "--out", str(store), "--epochs", "1"], capsys)
+    assert code == 2 and "holds an extract store" in err and "another --out" in err
+    assert sorted(os.listdir(store)) == before

@@ -70,8 +70,11 @@ def train(model, data_spec, epochs, stopping, zero_init_residual, label_smoothin
     """Train a ResNet until a validation slice of the training split reaches the target (or stops
     improving, or a cap is hit); report held-out accuracy each epoch, checkpoint each epoch (resumable)."""
     from resnet_jax.training import labels
+    from resnet_jax.jobs.extract import STORE_FORMAT
 
     check_out(out_dir)
+    if files.is_ours(out_dir, "manifest.json", STORE_FORMAT):
+        raise UserError(f"{out_dir} holds an extract store, not a training run: pass another --out for the checkpoints")
     edits = labels.LabelEdits(noise_rate=label_noise, noise_seed=noise_seed, noise_kind=noise_kind)
     setup_jax()
     from resnet_jax.training import train as training

@@ -9,6 +9,7 @@ from resnet_jax.constants import STAGES
 
 from resnet_jax.cli.options import (NON_NEGATIVE, POSITIVE, PRECISION_HELP, SEED, check_out)
 from resnet_jax.core import files
+from resnet_jax.errors import UserError
 from resnet_jax.core.compile_cache import enable as setup_jax
 
 
@@ -47,6 +48,14 @@ from resnet_jax.core.compile_cache import enable as setup_jax
 def extract(ckpt_dir, data_spec, out_dir, grad_params, label_source, project_dim, batch_size, limit, seed, precision,
             force, distributed, coordinator, num_processes, process_id, save_gw, quiet):
     """Write per-example gradients (GW), probabilities (P), logits, features (FM), labels and ids."""
+    peers = [name for name, value in (("--coordinator", coordinator), ("--num-processes", num_processes),
+                                      ("--process-id", process_id)) if value is not None]
+    if peers and not distributed:
+        raise UserError(f"{', '.join(peers)} take effect only with --distributed: add --distributed or drop them")
+    if distributed and coordinator is not None:
+        host, _, port = coordinator.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise UserError(f"--coordinator takes HOST:PORT of process 0 (e.g. 10.0.0.1:1234), got {coordinator!r}")
     check_out(out_dir)
     setup_jax()
     from resnet_jax.jobs import extract as extraction
