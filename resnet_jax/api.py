@@ -366,9 +366,7 @@ def error_scores(logits, features=None, *, train_features=None, train_logits=Non
     computed = detection.scores(test, train)
     if features is None:  # only the softmax scores: the rest need the fc input
         computed = {k: v for k, v in computed.items() if k in ("msp", "margin", "entropy")}
-    table = None
-    if labels is not None:
-        table = [r for r in detection.report(test, train, seed=seed)["rows"] if r["key"] in computed]
+    table = None if labels is None else detection.rate(test.labels != pred, computed, seed=seed)
     return ErrorScores(computed, pred, table)
 
 

@@ -90,7 +90,17 @@ def report(rep, train, projected_rows=None, pred_cams=None, seed: int = 0, n_boo
 
     is_error = rep.labels != rep.preds
     sims = {} if train is None else _centroid_similarities(rep, train, rep.logits.shape[1])
-    table = scores(rep, train, projected_rows, pred_cams, similarities=sims)
+    rows = rate(is_error, scores(rep, train, projected_rows, pred_cams, similarities=sims), seed, n_boot)
+    return {"n": int(len(is_error)), "errors": int(is_error.sum()), "rows": rows, "knn_k": es.KNN_K,
+            "centroid_rule": {space: misclassified.centroid_rule(S, rep.labels, rep.preds)
+                              for space, S in sims.items()}}
+
+
+def rate(is_error, table: dict, seed: int = 0, n_boot: int = N_BOOT) -> list[dict]:
+    """Rows of the detection table for the scores of `scores` (the BASELINE among them): AUROC, AUPR,
+    FPR at 95% TPR, and each other score's paired bootstrap AUROC difference from the baseline."""
+    from resnet_jax.metrics import error_scores as es
+
     rows = []
     for key, score in table.items():
         row = {"method": SCORE_NAMES[key], "key": key, **es.detection_row(is_error, score)}
@@ -98,6 +108,4 @@ def report(rep, train, projected_rows=None, pred_cams=None, seed: int = 0, n_boo
             d = es.paired_auroc_difference(is_error, score, table[BASELINE], n_boot=n_boot, seed=seed)
             row.update(delta_auroc=d["difference"], delta_low=d["low"], delta_high=d["high"])
         rows.append(row)
-    return {"n": int(len(is_error)), "errors": int(is_error.sum()), "rows": rows, "knn_k": es.KNN_K,
-            "centroid_rule": {space: misclassified.centroid_rule(S, rep.labels, rep.preds)
-                              for space, S in sims.items()}}
+    return rows
